@@ -1,0 +1,1 @@
+"""Stage one: images -> Zarr feature cache (see `store` for the contract)."""

@@ -1,0 +1,1 @@
+"""Stage two and three: models, objective, the Accelerate loop, sampling and metrics."""
