@@ -12,14 +12,252 @@ app.add_typer(cache_app, name="cache")
 
 # ---- extract / cache (pipeline) -------------------------------------------------------------
 
+from contextlib import contextmanager  # noqa: E402  (kept in this section: one owner per section)
+
+
+@contextmanager
+def _clear_errors():
+    """Input mistakes (missing source, wrong --out, incompatible store) print one line, exit 1."""
+    from reglue.weights import WeightsUnavailable
+
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError, ValueError, WeightsUnavailable) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command("extract")
+def extract_command(
+    src: str = typer.Argument(..., help="Image folder (one sub-folder per class, or flat) or a text file list."),
+    out: str = typer.Option("", help="Cache URL: a folder or an fsspec URL. Default: cache/<src name>.zarr."),
+    preset: str = typer.Option("real", help="real: published weights. tiny: seeded random tiny models, NOT for real use."),
+    resolution: int = typer.Option(256, help="Center-crop side in pixels (multiple of 16)."),
+    layers_limit: int = typer.Option(0, help="Keep DINOv2 layers 8..11 (1.5 MiB/image) for this many evenly spread images."),
+    compressor: str | None = typer.Option(None, help="compression_model.pth: store compressed features for every image."),
+    norm_stats: str | None = typer.Option(None, help="dino_mean_std_*.pth of that compressor."),
+    precision: str = typer.Option("auto", help="auto (fp16 on CUDA, else fp32), fp32, bf16 or fp16."),
+    vae: str | None = typer.Option(None, help="VAE: HF id or local diffusers folder (default stabilityai/sd-vae-ft-mse)."),
+    dino: str | None = typer.Option(None, help="DINOv2 timm name (default vit_base_patch14_reg4_dinov2.lvd142m)."),
+    dino_weights: str | None = typer.Option(None, help="Local DINOv2 weights file (hub .pth or timm)."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    num_workers: int = typer.Option(4, help="DataLoader processes decoding images."),
+    chunk_size: int | None = typer.Option(None, help="Samples per chunk (unit of storage and resume) (default 64, chosen by measurement)."),
+    device: str | None = typer.Option(None, help="Torch device (default: this process's GPU, else the CPU)."),
+) -> None:
+    """Turn an image folder into a feature cache. Rerun the same command to resume; launch with
+    `accelerate launch` or `torchrun` for several processes (docs/extract.md)."""
+    from reglue.pipeline.encoders import EncoderSpec
+    from reglue.pipeline.extract import DEFAULT_CHUNK_SIZE, ExtractConfig, extract
+
+    with _clear_errors():
+        models = {k: v for k, v in dict(vae=vae, dino=dino, dino_weights=dino_weights).items() if v}
+        spec = EncoderSpec(preset=preset, resolution=resolution, precision=precision, **models)
+        extract(ExtractConfig(src, out, spec, layers_limit, compressor, norm_stats,
+                              chunk_size or DEFAULT_CHUNK_SIZE, batch_size, num_workers, device))
+
+
+@cache_app.command("info")
+def cache_info_command(cache: str = typer.Argument(..., help="Cache URL.")) -> None:
+    """Arrays (shape, dtype, chunks, codec, bytes per image), counts, config and progress."""
+    from reglue.pipeline.store import info
+
+    with _clear_errors():
+        typer.echo(info(cache))
+
+
+@cache_app.command("verify")
+def cache_verify_command(cache: str = typer.Argument(..., help="Cache URL.")) -> None:
+    """Re-hash every chunk against its done marker; exit 1 naming each damaged or missing chunk."""
+    from reglue.pipeline.store import verify
+
+    with _clear_errors():
+        problems = verify(cache)
+    for problem in problems:
+        typer.echo(problem, err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{cache}: every chunk verifies")
+
 
 # ---- models (trainer.models) ----------------------------------------------------------------
+
+@app.command("models")
+def models_command(
+    method: str = typer.Option("reglue", help="Method whose inputs size the model: sit, repa, reg, redi, reglue."),
+    latent_channels: int = typer.Option(4, help="VAE latent channels (4 for SD-VAE)."),
+    resolution: int = typer.Option(256, help="Image side in pixels; the latent side is resolution / 8."),
+    dino_dim: int = typer.Option(768, help="DINOv2 width (768 for ViT-B/14): CLS token and REPA target."),
+) -> None:
+    """Print the SiT presets and their parameter counts (incl. the frozen pos_embed) for a method."""
+    from reglue.trainer.models import preset_table
+    from reglue.trainer.objective import get_method, sit_io
+
+    m = get_method(method)
+    io = sit_io(m, latent_channels=latent_channels, latent_size=resolution // 8, dino_dim=dino_dim,
+                compressed_channels=m.feature_channels if m.features == "compressed" else 0)
+    typer.echo(f"method {m.name}: {io}")
+    typer.echo(preset_table(**io))
 
 
 # ---- train-compressor / train (trainer.loop) ------------------------------------------------
 
+@app.command("train-compressor")
+def train_compressor_command(
+    cache: str = typer.Option(..., help="Cache with layers rows (extract --layers-limit M)."),
+    out: str = typer.Option(..., help="Folder for dino_mean_std_*.pth and compression_model.pth."),
+    epochs: int = typer.Option(25, help="Epochs over the layers rows (reference: 25)."),
+    global_batch: int = typer.Option(4096, help="Rows per step over all processes (capped by the rows stored)."),
+    channels: int = typer.Option(16, help="Compressed channels (the SiT's feature channels)."),
+    fill: bool = typer.Option(False, help="Then fill the cache's compressed features (as `reglue fill-compressed`)."),
+    seed: int = typer.Option(0, help="Seed of the init and the row order."),
+) -> None:
+    """Norm stats (dask, out of core) and the semantic compressor, in the official file formats."""
+    from reglue.trainer.compressor_train import CompressorConfig, train_compressor
+
+    with _clear_errors():
+        path = train_compressor(CompressorConfig(cache, out, epochs=epochs, global_batch=global_batch,
+                                                 channels=channels, fill=fill, seed=seed))
+    typer.echo(f"compressor: {path}")
+
+
+@app.command("fill-compressed")
+def fill_compressed_command(
+    cache: str = typer.Option(..., help="Complete cache to add `compressed` features to."),
+    compressor: str = typer.Option(..., help="compression_model.pth (ours or the official one)."),
+    norm_stats: str = typer.Option(..., help="Its dino_mean_std_*.pth."),
+    src: str | None = typer.Option(None, help="Image source root, when samples without layers rows need a DINOv2 pass."),
+) -> None:
+    """Compress every sample's features into the cache (from stored layers, else a second DINOv2 pass)."""
+    from reglue.pipeline.extract import fill_compressed
+
+    with _clear_errors():
+        typer.echo(fill_compressed(cache, compressor, norm_stats, src=src))
+
+
+@app.command("train")
+def train_command(
+    cache: str = typer.Option(..., help="Feature cache (reglue extract)."),
+    out: str = typer.Option(..., help="Run folder; rerun the same command to resume from its latest checkpoint."),
+    method: str = typer.Option("reglue", help="sit | repa | reg | redi | reglue."),
+    model: str = typer.Option("SiT-B/2", help="SiT preset: SiT-S/2, SiT-B/2, SiT-L/2, SiT-XL/2 (and /4, /8), SiT-tiny/2."),
+    max_steps: int = typer.Option(400_000, help="Optimizer steps."),
+    global_batch: int = typer.Option(256, help="Samples per step over all processes."),
+    micro_batch: int | None = typer.Option(None, help="Samples per forward per process (gradient accumulation)."),
+    precision: str = typer.Option("bf16", help="bf16 | fp16 (GradScaler, the reference's) | fp32."),
+    compile: bool = typer.Option(False, help="torch.compile the SiT."),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate (constant)."),
+    xl_lam_schedule: bool = typer.Option(False, help="The reference's hidden SiT-XL lambda schedule (x0.5 at 250K, x0.25 at 500K)."),
+    seed: int = typer.Option(0, help="Seed of init, data order and every draw."),
+    log_every: int = typer.Option(100, help="Steps between reports."),
+    ckpt_every: int = typer.Option(10_000, help="Steps between full checkpoints."),
+    snapshot_every: int = typer.Option(50_000, help="Steps between EMA snapshots."),
+    sample_every: int = typer.Option(50_000, help="Steps between 16-image sample grids from the EMA (0: none, no VAE)."),
+    keep_last: int = typer.Option(2, help="Full checkpoints kept."),
+    trackers: str = typer.Option("tensorboard", help="Comma list of tensorboard, wandb; empty for none."),
+    dry_run: bool = typer.Option(False, help="Print the resolved config and exit."),
+) -> None:
+    """Train SiT with one of the five methods from a cache (Accelerate: `accelerate launch` for several GPUs)."""
+    from reglue.trainer.loop import TrainConfig, train
+
+    with _clear_errors():
+        cfg = TrainConfig(cache, out, method, model, max_steps, global_batch, micro_batch, lr=lr, precision=precision,
+                          compile=compile, xl_lam_schedule=xl_lam_schedule, seed=seed, log_every=log_every,
+                          ckpt_every=ckpt_every, snapshot_every=snapshot_every, sample_every=sample_every, keep_last=keep_last,
+                          trackers=tuple(t for t in trackers.split(",") if t))
+        try:
+            train(cfg, dry_run=dry_run)
+        except FloatingPointError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+
 
 # ---- sample / fid (trainer.sampling, trainer.metrics) ---------------------------------------
+
+@app.command("sample")
+def sample_command(
+    checkpoint: str = typer.Argument(..., help="Our snapshot/checkpoint or an official REGLUE checkpoint."),
+    num: int = typer.Option(50_000, "--num", "-n", help="Number of images (ADM protocol: 50K)."),
+    out: str = typer.Option(None, help="Output .npz (arr_0 uint8 NHWC, arr_1 labels); default beside the checkpoint."),
+    batch_size: int = typer.Option(64, help="Samples per batch per process."),
+    seed: int = typer.Option(0, help="Sample i depends on (seed, i) only, whatever the process count."),
+    labels: str = typer.Option("random", help="random (the reference) or balanced (index % classes)."),
+    mode: str = typer.Option("sde", help="sde (the reference Euler-Maruyama) or ode."),
+    num_steps: int = typer.Option(250, help="SDE steps (NFE) or ODE steps."),
+    ode_solver: str = typer.Option("heun", help="euler or heun (ODE only)."),
+    cfg_scale: float = typer.Option(2.3, help="CFG scale on latent+feature drift (<= 1: off)."),
+    cls_cfg_scale: float = typer.Option(2.3, help="CFG scale of the CLS drift (0: conditional only)."),
+    guidance_low: float = typer.Option(0.0, help="Guide when guidance_low <= t <= guidance_high."),
+    guidance_high: float = typer.Option(0.9, help="Upper end of the guidance interval (t=1 is noise)."),
+    vae_cfg: bool = typer.Option(False, help="The reference's --vae_cfg (latent-only, non-standard CFG)."),
+    precision: str = typer.Option("fp32", help="Model precision: fp32 (reference parity) or bf16 (autocast)."),
+    vae: str = typer.Option("stabilityai/sd-vae-ft-ema", help="Decoder VAE: HF id or local folder."),
+    vae_preset: str = typer.Option("real", help="real, or tiny (random weights, tests only)."),
+    png_dir: str = typer.Option(None, help="Also write <png_dir>/<index:06d>.png."),
+    grid: int = typer.Option(64, help="Grid image of the first N samples beside the npz (0: none)."),
+    part_size: int = typer.Option(1024, help="Samples per resumable part (a multiple of batch-size)."),
+    cpu: bool = typer.Option(False, help="Run on the CPU."),
+) -> None:
+    """Generate images into an ADM-evaluator .npz; resumable; distributed under accelerate/torchrun."""
+    from reglue.trainer.generate import GenerateConfig, generate
+    from reglue.trainer.sampling import SamplerConfig
+
+    sampler = SamplerConfig(mode=mode, num_steps=num_steps, cfg_scale=cfg_scale, cls_cfg_scale=cls_cfg_scale,
+                            guidance_low=guidance_low, guidance_high=guidance_high, vae_cfg=vae_cfg,
+                            ode_solver=ode_solver, precision=precision)
+    path = generate(GenerateConfig(checkpoint=checkpoint, out=out, num=num, batch_size=batch_size, seed=seed,
+                                   labels=labels, sampler=sampler, vae=vae, vae_preset=vae_preset,
+                                   png_dir=png_dir, grid=grid, part_size=part_size, cpu=cpu))
+    typer.echo(f"samples: {path}")
+
+
+@app.command("fid")
+def fid_command(
+    source: str = typer.Argument(..., help="SAMPLES.npz, or a checkpoint to sample first (paper settings)."),
+    ref: str = typer.Option(..., help="Reference npz: ADM VIRTUAL_imagenet256_labeled.npz or `fid-ref` output."),
+    inception: str = typer.Option(None, help="inception-2015-12-05.pt (default $REGLUE_INCEPTION_WEIGHTS, cache)."),
+    num: int = typer.Option(50_000, help="Images to sample when SOURCE is a checkpoint."),
+    seed: int = typer.Option(0, help="Sampling seed when SOURCE is a checkpoint."),
+    sfid: bool = typer.Option(True, help="Compute sFID (if the reference has mu_s/sigma_s)."),
+    precision_recall: bool = typer.Option(True, help="Compute precision/recall (if the reference has images)."),
+    batch_size: int = typer.Option(100, help="Images per Inception batch."),
+    out: str = typer.Option(None, help="Metrics JSON; default <samples>.metrics.json."),
+    vae_preset: str = typer.Option("real", help="real, or tiny (tests only), when sampling."),
+    cpu: bool = typer.Option(False, help="Run on the CPU."),
+) -> None:
+    """FID (+ sFID, IS, precision/recall) with the ADM protocol; writes a metrics JSON."""
+    from reglue.trainer.evaluate import FidConfig, evaluate_source
+    from reglue.trainer.generate import GenerateConfig
+
+    gen = None if source.endswith(".npz") else GenerateConfig(checkpoint=source, num=num, seed=seed,
+                                                              vae_preset=vae_preset, cpu=cpu)
+    result = evaluate_source(FidConfig(samples=source, ref=ref, inception=inception, batch_size=batch_size,
+                                       sfid=sfid, precision_recall=precision_recall, out=out, cpu=cpu), gen)
+    if result:
+        typer.echo(result["summary"])
+
+
+@app.command("fid-ref")
+def fid_ref_command(
+    source: str = typer.Argument(..., help="npz with arr_0 (e.g. the ADM batch), an image folder, or a cache."),
+    out: str = typer.Option(..., help="Output reference npz (mu, sigma, mu_s, sigma_s, acts)."),
+    resolution: int = typer.Option(256, help="ADM center-crop size for image folders."),
+    num: int = typer.Option(None, help="Use the first NUM images (default all)."),
+    acts: int = typer.Option(10_000, help="Pool features kept for precision/recall (ADM: 10K)."),
+    inception: str = typer.Option(None, help="inception-2015-12-05.pt, as for `fid`."),
+    vae: str = typer.Option("stabilityai/sd-vae-ft-ema", help="Decoder for a cache source."),
+    vae_preset: str = typer.Option("real", help="real, or tiny (tests only)."),
+    batch_size: int = typer.Option(100, help="Images per batch."),
+    cpu: bool = typer.Option(False, help="Run on the CPU."),
+) -> None:
+    """Reference statistics for `reglue fid` from images (an npz keeps its own mu/sigma)."""
+    from reglue.trainer.evaluate import RefConfig, reference_stats
+
+    path = reference_stats(RefConfig(source=source, out=out, resolution=resolution, num=num, acts=acts,
+                                     inception=inception, vae=vae, vae_preset=vae_preset, batch_size=batch_size,
+                                     cpu=cpu))
+    typer.echo(f"reference statistics: {path}")
+
 
 
 # ---- demo -----------------------------------------------------------------------------------

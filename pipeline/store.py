@@ -1,19 +1,471 @@
-"""The cache contract: the one module both stages share. (SKELETON: filled in by the extract work.)
+"""The cache contract: the one module both stages share.
 
-A cache is a Zarr v3 group (any fsspec URL; a local folder by default). Sample axis first in
-every per-sample array. Layout (format version 1), N = planned samples, P = patch tokens,
-D = DINOv2 width, L = number of multi-layer features, zc = VAE latent channels, h = latent side:
+A cache is a Zarr v3 group (any fsspec URL; a local folder by default). The full format, with the
+measurements behind chunking and codecs, is in docs/cache-format.md. N = planned samples, P = patch
+tokens, D = DINOv2 width, L = number of multi-layer features, zc = VAE latent channels, h = latent side:
 
   vae_moments   [N, 2*zc, h, h]   float16   posterior mean (ch 0..zc-1) then std (zc..2zc-1), unscaled
   cls           [N, D]            float32   DINOv2 last-layer [CLS] after the final norm
-  patches       [N, P, D]         int8      last-layer patch tokens (REPA target), per-token absmax int8
-  patches_scale [N, P]            float16   their per-token scale: x ~= q * scale / 127
+  patches       [N, P, D]         int8      last-layer patch tokens (REPA target), `meta.patches_encoding`
+  patches_scale [N, P]            float16   their per-token scale (present when the encoding has one)
   layers        [M, P, L*D]       float16   layers 8..11 (normed), channel order [L8|L9|L10|L11], subset only
-  layers_index  [M]               int64     global sample index of each `layers` row (evenly spread)
+  layers_index  [M]               int64     global sample index of each `layers` row: floor(j*N/M)
   compressed    [N, c, g, g]      float16   compressor output at the DINO grid (g = sqrt(P)); optional
   labels        [N]               int64     class index (sorted class folders), -1 when unlabelled
   valid         [N]               bool      False for a source that could not be decoded (skipped)
+  paths         [N]               str       source path relative to `meta.source["root"]`
 
-Group attributes `reglue` hold everything needed to reproduce and consume the store (see `CacheMeta`).
-Completeness: one marker per finished sample chunk; `complete` is set only after every chunk verifies.
+Chunk k covers samples [k*C, (k+1)*C) of every per-sample array and the `layers` rows whose sample
+falls there; one process writes all of it, then a done marker `_markers/<namespace>/<k>` holding
+the sha256 of every array region it wrote. `meta.complete` is set only once every marker verifies.
 """
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import fsspec
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import ZstdCodec
+
+from reglue.pipeline import codec
+
+FORMAT_VERSION = 1
+ATTR = "reglue"
+CREATING_ATTR = "reglue_creating"  # set while arrays are being created; a store left so is re-created
+MARKERS = "_markers"
+LAYER_ARRAYS = ("layers",)  # arrays indexed by layers row j, not by sample
+
+# Codec per array, chosen by measurement (bench/extract.py, bench/RESULTS-extract.md): zstd level 3
+# decodes at ~1 GB/s per core and shrinks int8 tokens and fp16 features by a few to ~20 %; higher
+# levels cost encode time for no gain, and byte-shuffle (blosc) did not beat it on these dtypes.
+COMPRESSORS = {"paths": (ZstdCodec(level=3),)}
+DEFAULT_COMPRESSORS = (ZstdCodec(level=3),)
+PATHS_CHUNK = 65536
+
+
+# ---- metadata --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """Everything needed to consume and to reproduce a cache (group attribute `reglue`)."""
+
+    num_samples: int
+    """N: planned samples, one per listed source file (skipped ones stay, with valid=False)."""
+    chunk_size: int
+    """C: samples per chunk of every per-sample array; also the unit of work and of resume."""
+    resolution: int
+    """Side of the square ADM center crop fed to both encoders."""
+    latent_channels: int
+    """zc: VAE latent channels; `vae_moments` has 2*zc (mean then std)."""
+    latent_size: int
+    """h: latent side (resolution // 8)."""
+    vae_scaling_factor: float
+    """Multiply a posterior sample by this before the SiT sees it (0.18215, reference train.py:184)."""
+    dino_dim: int
+    """D: DINOv2 token width."""
+    num_patches: int
+    """P: patch tokens per image (grid**2)."""
+    grid: int
+    """g: DINOv2 patch grid side."""
+    layers: tuple[int, ...]
+    """Block indices of the multi-layer features (8, 9, 10, 11 for ViT-B)."""
+    layers_count: int
+    """M: samples that keep the multi-layer features (`layers` rows); 0 = none."""
+    num_classes: int
+    """Number of classes (class folders, empty ones included); 0 for unlabelled sources."""
+    class_names: tuple[str, ...]
+    """Class folder names in label order."""
+    encoders: dict
+    """The FeatureEncoder's `meta()` plus its EncoderSpec: model ids, revisions, preprocessing, precision."""
+    patches_encoding: str
+    """Name of the token encoding of `patches`/`patches_scale` (pipeline/codec.py)."""
+    dtypes: dict
+    """Stored dtype of every array written per chunk, by name; an array is present iff listed here."""
+    source: dict
+    """root (absolute), kind, count, sha256 of the (path, label) listing, empty_classes."""
+    versions: dict
+    """Package versions of the run that created the store."""
+    compressed_channels: int = 0
+    """c: channels of `compressed` (0 when absent)."""
+    compressor: dict | None = None
+    """Provenance of `compressed`: compressor file name, sha256, channel list; and its norm stats'."""
+    skipped: tuple[dict, ...] = ()
+    """Samples that could not be decoded: {index, path, reason}; filled when the store completes."""
+    complete: bool = False
+    """True once every chunk of the extract namespace has a verified done marker."""
+    format_version: int = FORMAT_VERSION
+    """Version of this layout; readers refuse a version they do not know."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CacheMeta":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"cache metadata has unknown keys {sorted(unknown)} (written by a newer reglue?)")
+        d = dict(d)
+        for key in ("layers", "class_names", "skipped"):
+            d[key] = tuple(d.get(key, ()))
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, as stored
+
+    def identity(self) -> dict:
+        """The fields that decide what `extract` stores: a rerun may resume a store only if they match.
+
+        Compressed features added later by `fill_compressed` are not part of it."""
+        d = self.to_dict()
+        if (d["compressor"] or {}).get("stage") == "fill":
+            d["compressor"], d["dtypes"] = None, {k: v for k, v in d["dtypes"].items() if k != "compressed"}
+        keep = ("format_version", "num_samples", "chunk_size", "resolution", "layers", "layers_count",
+                "encoders", "patches_encoding", "dtypes", "compressor")
+        return {k: d[k] for k in keep} | {"source": d["source"]["sha256"]}
+
+
+def digest(obj: Any) -> str:
+    """sha256 of a JSON value (sorted keys) or of an array's C-order bytes."""
+    if isinstance(obj, np.ndarray):
+        return hashlib.sha256(np.ascontiguousarray(obj).view(np.uint8).data).hexdigest()
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def describe_difference(stored: dict, wanted: dict) -> str:
+    """Name every (dotted, nested) key whose value differs, with both values (shortened)."""
+    stored, wanted = _flatten(stored), _flatten(wanted)
+    short = lambda v: (s if len(s := json.dumps(v, sort_keys=True)) <= 120 else s[:117] + "...")
+    return "; ".join(f"{k}: store has {short(stored.get(k))}, this run wants {short(wanted.get(k))}"
+                     for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v}
+    return out
+
+
+def layer_sample_indices(num_samples: int, count: int) -> np.ndarray:
+    """Global sample index of each `layers` row: j -> floor(j*N/M), evenly spread, strictly increasing."""
+    count = min(count, num_samples)
+    return (np.arange(count, dtype=np.int64) * num_samples) // max(count, 1)
+
+
+# ---- locating a store ------------------------------------------------------------------------
+
+def _local(url: str) -> str:
+    # zarr's fsspec store does not create parent folders for file:// URLs; a plain path does.
+    return url.removeprefix("file://")
+
+
+def probe(url: str) -> str:
+    """What is at `url`: "absent" (or an empty folder), "cache", "partial" (creation was cut), "other"."""
+    fs, path = fsspec.core.url_to_fs(_local(url))
+    if not fs.exists(path) or (fs.isdir(path) and not fs.ls(path)):
+        return "absent"
+    if fs.isfile(path) or not fs.exists(f"{path}/zarr.json"):
+        return "other"
+    attrs = json.loads(fs.cat_file(f"{path}/zarr.json")).get("attributes", {})
+    return "cache" if ATTR in attrs else "partial" if CREATING_ATTR in attrs else "other"
+
+
+def refuse_foreign(url: str) -> str:
+    """`probe(url)`, raising if something other than a cache is there (it is never touched)."""
+    state = probe(url)
+    if state == "other":
+        raise FileExistsError(f"{url} exists and is not a reglue cache; nothing was changed. "
+                              "Choose another --out, or remove it yourself")
+    return state
+
+
+# ---- the store -------------------------------------------------------------------------------
+
+class Cache:
+    """A feature cache: read side for the trainer, chunk writes and markers for extraction."""
+
+    def __init__(self, group: zarr.Group, url: str):
+        self.group, self.url = group, url
+        self.meta = CacheMeta.from_dict(group.attrs[ATTR])
+        if self.meta.format_version != FORMAT_VERSION:
+            raise ValueError(f"{url}: cache format version {self.meta.format_version}, this reglue reads "
+                             f"version {FORMAT_VERSION}; re-extract or use a matching reglue")
+        self._arrays: dict[str, zarr.Array] = {}
+
+    # -- opening and creating
+
+    @classmethod
+    def open(cls, url: str, *, mode: str = "r", allow_incomplete: bool = False) -> "Cache":
+        """Open an existing cache; refuses an incomplete one unless `allow_incomplete`."""
+        state = probe(url)
+        if state != "cache":
+            raise FileNotFoundError(f"{url} is not a reglue cache ({state}); create one with `reglue extract`")
+        cache = cls(zarr.open_group(_local(url), mode=mode, zarr_format=3), url)
+        if allow_incomplete:
+            return cache
+        if not cache.meta.complete:
+            raise ValueError(f"{url} is incomplete (extraction still running or stopped early): rerun the "
+                             "same `reglue extract` command to finish it, or check `reglue cache info`")
+        if cache.meta.patches_encoding != codec.ENCODING:
+            raise ValueError(f"{url} encodes patches as {cache.meta.patches_encoding!r}; this reglue decodes "
+                             f"{codec.ENCODING!r} only")
+        return cache
+
+    @classmethod
+    def create_or_resume(cls, url: str, meta: CacheMeta, paths: list[str], *, create: bool = True) -> "Cache":
+        """The store for `meta`: created if absent, reopened if it holds the same config, else an error.
+
+        Nothing is changed when the answer is an error. With `create=False` (non-zero ranks, after rank
+        0 has created it) an absent store is an error too."""
+        state = refuse_foreign(url)
+        if state == "cache":
+            cache = cls.open(url, mode="r+", allow_incomplete=True)
+            stored, wanted = cache.meta.identity(), meta.identity()
+            if stored != wanted:
+                raise ValueError(f"{url} holds a cache made with a different config; nothing was changed. "
+                                 f"Differences: {describe_difference(stored, wanted)}. Rerun with the store's "
+                                 "settings, or choose another --out")
+            return cache
+        if not create:
+            raise FileNotFoundError(f"{url} was not created by process 0")
+        return cls._create(url, meta, paths)
+
+    @classmethod
+    def _create(cls, url: str, meta: CacheMeta, paths: list[str]) -> "Cache":
+        if len(paths) != meta.num_samples:
+            raise ValueError(f"{len(paths)} paths for {meta.num_samples} samples")
+        group = zarr.open_group(_local(url), mode="w", zarr_format=3, attributes={CREATING_ATTR: True})
+        for name, (shape, dtype, chunks) in array_layout(meta).items():
+            _create_array(group, name, shape, dtype, chunks)
+        group.create_array("paths", shape=(len(paths),), dtype=str, chunks=(min(PATHS_CHUNK, max(len(paths), 1)),),
+                           compressors=COMPRESSORS["paths"])[:] = np.asarray(paths, dtype=str)
+        if meta.layers_count:
+            group.create_array("layers_index", data=layer_sample_indices(meta.num_samples, meta.layers_count),
+                               compressors=DEFAULT_COMPRESSORS)
+        group.require_group(f"{MARKERS}/extract")
+        # The meta goes in last: a store without it was cut during creation and is re-created.
+        group.attrs.put({ATTR: meta.to_dict()})
+        return cls(group, url)
+
+    def prepare_fill(self, provenance: dict) -> None:
+        """Create the `compressed` array for `fill_compressed` (process 0), replacing an unfinished fill
+        made with another compressor."""
+        existing = self.group.get("compressed")
+        if existing is not None and dict(existing.attrs).get("compressor") != provenance:
+            del self.group["compressed"]
+            if self.group.get(f"{MARKERS}/compressed") is not None:
+                del self.group[f"{MARKERS}/compressed"]
+            existing = None
+        if existing is None:
+            meta = dataclasses.replace(self.meta, compressed_channels=provenance["channels"][-1],
+                                       dtypes={"compressed": "float16"})
+            shape, dtype, chunks = array_layout(meta)["compressed"]
+            _create_array(self.group, "compressed", shape, dtype, chunks).attrs["compressor"] = provenance
+        self.group.require_group(f"{MARKERS}/compressed")
+
+    def check_fill(self, provenance: dict) -> None:
+        """Raise FileNotFoundError until process 0 has prepared the fill for this compressor."""
+        node = self.group.get("compressed")
+        if node is None or dict(node.attrs).get("compressor") != provenance:
+            raise FileNotFoundError(f"{self.url}: the `compressed` array is not prepared yet")
+        self._arrays.pop("compressed", None)
+
+    def update_meta(self, **changes: Any) -> None:
+        """Rewrite the metadata (process 0 only: the attribute file has a single writer)."""
+        self.meta = dataclasses.replace(self.meta, **changes)
+        self.group.attrs.put({ATTR: self.meta.to_dict()})
+
+    # -- reading
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def has(self, name: str) -> bool:
+        """Whether `name` holds data (`compressed` joins `meta.dtypes` only once filled for every sample)."""
+        return name in self.meta.dtypes or name == "paths" or (name == "layers_index" and self.meta.layers_count > 0)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Raw stored values of rows [start, stop) (samples, or `layers` rows for layers/layers_index)."""
+        if not self.has(name):
+            raise KeyError(f"{self.url} has no {name!r} array (present: {sorted(self.meta.dtypes)})")
+        return self.array(name)[start:stop]
+
+    def valid_indices(self) -> np.ndarray:
+        """Indices of the samples that were decoded (valid=True), ascending."""
+        return np.flatnonzero(self.read("valid"))
+
+    def source_paths(self, start: int = 0, stop: int | None = None) -> list[str]:
+        return [str(p) for p in self.array("paths")[start:stop]]
+
+    def stored_bytes(self) -> dict[str, int]:
+        """Bytes on storage per array (chunk files and array metadata), by name."""
+        names = sorted(n for n in set(self.meta.dtypes) | {"paths", "layers_index"} if self.has(n))
+        return {n: self.array(n).nbytes_stored() for n in names}
+
+    # -- chunks
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.meta.num_samples // self.meta.chunk_size)
+
+    def sample_range(self, k: int) -> tuple[int, int]:
+        C, N = self.meta.chunk_size, self.meta.num_samples
+        return k * C, min((k + 1) * C, N)
+
+    def layer_rows(self, k: int) -> tuple[int, int]:
+        """The `layers` rows j whose sample floor(j*N/M) lies in chunk k: a contiguous range.
+
+        floor(j*N/M) >= s  <=>  j*N >= s*M  <=>  j >= ceil(s*M/N), for integer s."""
+        N, M = self.meta.num_samples, min(self.meta.layers_count, self.meta.num_samples)
+        start, stop = self.sample_range(k)
+        return -(-start * M // N), -(-stop * M // N)
+
+    def region(self, name: str, k: int) -> tuple[int, int]:
+        return self.layer_rows(k) if name in LAYER_ARRAYS else self.sample_range(k)
+
+    def write_chunk(self, namespace: str, k: int, data: dict[str, np.ndarray], **extra: Any) -> None:
+        """Write chunk k of every array in `data`, then its done marker (checksums + `extra`)."""
+        self.delete_marker(namespace, k)
+        sums = {}
+        for name, values in data.items():
+            start, stop = self.region(name, k)
+            arr = self.array(name)
+            values = np.ascontiguousarray(values, dtype=arr.dtype)
+            if values.shape != (stop - start, *arr.shape[1:]):
+                raise ValueError(f"chunk {k} of {name}: got shape {values.shape}, "
+                                 f"region needs {(stop - start, *arr.shape[1:])}")
+            if stop > start:
+                arr[start:stop] = values
+            sums[name] = digest(values)
+        marker = {"chunk": k, "checksums": sums, **extra}
+        self.group.create_group(self._marker_path(namespace, k), attributes=marker, overwrite=True)
+
+    def _marker_path(self, namespace: str, k: int) -> str:
+        return f"{MARKERS}/{namespace}/{k:07d}"
+
+    def marker(self, namespace: str, k: int) -> dict | None:
+        node = self.group.get(self._marker_path(namespace, k))
+        return None if node is None else dict(node.attrs)
+
+    def markers(self, namespace: str) -> dict[int, dict]:
+        """Every done marker of `namespace`, by chunk. (A store's config never changes after creation,
+        so a marker always belongs to it.)"""
+        node = self.group.get(f"{MARKERS}/{namespace}")
+        return {} if node is None else {int(name): dict(g.attrs) for name, g in node.groups()}
+
+    def delete_marker(self, namespace: str, k: int) -> None:
+        if self.group.get(self._marker_path(namespace, k)) is not None:
+            del self.group[self._marker_path(namespace, k)]
+
+    def verify_chunk(self, namespace: str, k: int, marker: dict | None = None) -> str | None:
+        """None if chunk k matches its marker, else why not (missing marker, unreadable, mismatch)."""
+        marker = marker or self.marker(namespace, k)
+        if marker is None:
+            return "no done marker"
+        for name, expected in marker["checksums"].items():
+            start, stop = self.region(name, k)
+            try:
+                got = digest(self.array(name)[start:stop])
+            except Exception as e:  # a damaged chunk file fails in the codec with many error types
+                return f"{name}: cannot read ({type(e).__name__}: {e})"
+            if got != expected:
+                return f"{name}: checksum mismatch (chunk file changed or missing)"
+        return None
+
+    def missing_chunks(self, namespace: str) -> list[int]:
+        """Chunks of `namespace` with no valid done marker."""
+        done = self.markers(namespace)
+        return [k for k in range(self.num_chunks) if k not in done]
+
+
+def array_layout(meta: CacheMeta) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
+    """name -> (shape, dtype, zarr chunks) for every array in `meta.dtypes`, derived from the meta.
+
+    Per-sample arrays are chunked by `chunk_size` samples, so that chunk files never span two owners;
+    `layers` (1.5 MiB/sample at ViT-B) gets one row per file for the same reason."""
+    N, C, P, D = meta.num_samples, meta.chunk_size, meta.num_patches, meta.dino_dim
+    g, h, zc = meta.grid, meta.latent_size, meta.latent_channels
+    tails = {"vae_moments": (2 * zc, h, h), "cls": (D,), "patches": (P, D), "patches_scale": (P,),
+             "labels": (), "valid": (), "compressed": (meta.compressed_channels, g, g),
+             "layers": (P, len(meta.layers) * D)}
+    layout = {}
+    for name, dtype in meta.dtypes.items():
+        rows, chunk = (meta.layers_count, 1) if name in LAYER_ARRAYS else (N, C)
+        layout[name] = ((rows, *tails[name]), dtype, (max(min(chunk, rows), 1), *tails[name]))
+    return layout
+
+
+def _create_array(group: zarr.Group, name: str, shape, dtype, chunks) -> zarr.Array:
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
+                              compressors=COMPRESSORS.get(name, DEFAULT_COMPRESSORS))
+
+
+def decode_patches(q, scale) -> torch.Tensor:
+    """Stored `patches`, `patches_scale` (numpy or torch, any device) -> float32 tokens [..., P, D]."""
+    return codec.decode_tokens(torch.as_tensor(q), torch.as_tensor(scale))
+
+
+# ---- verify and info -------------------------------------------------------------------------
+
+def verify(url: str) -> list[str]:
+    """Re-hash every chunk against its marker; returns problems (empty = the cache is intact)."""
+    cache = Cache.open(url, allow_incomplete=True)
+    problems = []
+    namespaces = ["extract"] + (["compressed"] if cache.group.get(f"{MARKERS}/compressed") is not None else [])
+    for ns in namespaces:
+        markers = cache.markers(ns)
+        for k in range(cache.num_chunks):
+            reason = cache.verify_chunk(ns, k, markers.get(k)) if k in markers else "no done marker"
+            if reason:
+                start, stop = cache.sample_range(k)
+                problems.append(f"{ns} chunk {k} (samples {start}..{stop - 1}): {reason}")
+    if not cache.meta.complete:
+        problems.append("the store is not marked complete (rerun the extract command to finish it)")
+    return problems
+
+
+def info(url: str) -> str:
+    """A human summary: arrays (shape, dtype, chunks, codec, bytes), counts, config, progress."""
+    cache = Cache.open(url, allow_incomplete=True)
+    m, N = cache.meta, cache.meta.num_samples
+    lines = [f"cache {url}  (format {m.format_version}, {'complete' if m.complete else 'INCOMPLETE'})",
+             f"samples {N}: valid {int(cache.array('valid')[:].sum())}, skipped {len(m.skipped)}; chunks "
+             f"{cache.num_chunks} x {m.chunk_size} samples, done {cache.num_chunks - len(cache.missing_chunks('extract'))}",
+             f"{'array':<14}{'shape':<22}{'dtype':<9}{'chunks':<22}{'codec':<10}{'stored':>12}{'B/image':>11}"]
+    sizes = cache.stored_bytes()
+    for name, stored in sizes.items():
+        a = cache.array(name)
+        codec = ",".join(f"{type(c).__name__.removesuffix('Codec').lower()}{getattr(c, 'level', '')}"
+                         for c in a.compressors) or "none"
+        lines.append(f"{name:<14}{str(a.shape):<22}{str(a.dtype):<9}{str(a.chunks):<22}{codec:<10}"
+                     f"{stored:>12,}{stored / max(N, 1):>11,.0f}")
+    total = sum(sizes.values())
+    lines.append(f"{'total':<89}{total:>12,}{total / max(N, 1):>11,.0f}")
+    enc = m.encoders
+    lines += [f"resolution {m.resolution}, latent {m.latent_channels}x{m.latent_size}x{m.latent_size} "
+              f"(scale {m.vae_scaling_factor}), dino D={m.dino_dim} P={m.num_patches} (grid {m.grid}), "
+              f"layers {list(m.layers)} kept for {m.layers_count} samples, compressed channels {m.compressed_channels}",
+              f"encoders: {json.dumps({k: enc[k] for k in sorted(enc) if k in ('preset', 'vae', 'dino', 'precision')})}",
+              f"patches encoding {m.patches_encoding}; classes {m.num_classes}; source {m.source.get('root')} "
+              f"({m.source.get('kind')}, {m.source.get('count')} files)"]
+    if m.compressor:
+        lines.append(f"compressor: {json.dumps(m.compressor)}")
+    lines += [f"skipped {s['path']}: {s['reason']}" for s in m.skipped]
+    return "\n".join(lines)
+
+
+def chunks_of_rank(num_chunks: int, rank: int, world: int) -> range:
+    """Chunks owned by one process: k = rank (mod world), so ranks never share a chunk file."""
+    return range(rank, num_chunks, world)
+
+
+def merge_skipped(markers: Iterable[dict]) -> tuple[dict, ...]:
+    """The skipped samples recorded in the chunk markers, by sample index."""
+    return tuple(sorted((s for m in markers for s in m.get("skipped", ())), key=lambda s: s["index"]))

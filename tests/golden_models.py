@@ -1,3 +1,102 @@
-"""Golden runners for the models area (registered into `golden.RUNNERS`)."""
+"""Golden runners for the models area (registered into `golden.RUNNERS`), and a fixture its tests share."""
 
-from golden import Case, runner  # noqa: F401
+import pytest
+import torch
+from golden import Case, runner
+
+from reglue.pipeline.compressor import EncoderDecoder
+from reglue.trainer.models import SiT, build_sit, sit_kwargs_from_reference
+from reglue.trainer.objective import Batch, Draws, get_method, loss_terms, per_sample_losses
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and ~20x faster on a busy 2-core machine.
+    Import it into a test module (`from golden_models import one_thread`) to apply it there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def inputs(case: Case) -> dict[str, torch.Tensor]:
+    """`in.*` tensors, float16 upcast to the float32 the reference received."""
+    return {k[3:]: v.float() if v.dtype == torch.float16 else v
+            for k, v in case.tensors.items() if k.startswith("in.")}
+
+
+def close(actual: torch.Tensor, case: Case, name: str) -> None:
+    torch.testing.assert_close(actual, case.tensors[f"out.{name}"], **case.tol(), msg=lambda m: f"out.{name}: {m}")
+
+
+def reference_sit(kwargs: dict, state: dict) -> SiT:
+    model = SiT(**sit_kwargs_from_reference(kwargs))
+    # Our fixed sin-cos table, zero CLS row included, is the reference's (it is not a learned weight).
+    torch.testing.assert_close(model.pos_embed.data, state["pos_embed"], rtol=0, atol=1e-6)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+@runner("sit_forward")
+def sit_forward(case: Case) -> None:
+    model = reference_sit(case.meta["constructor"]["kwargs"], case.state())
+    x = inputs(case)
+    with torch.no_grad():
+        out, zs, cls = model(x["x"], x["t"], x["y"], cls_token=x["cls_token"])
+    close(out, case, "x")
+    close(zs[0], case, "zs0")
+    close(cls, case, "cls")
+
+
+@runner("siloss")
+def siloss(case: Case) -> None:
+    model = reference_sit(case.meta["model"]["constructor_kwargs"], case.sibling("sit_forward").state())
+    x = inputs(case)
+    args = case.meta["combination"]["args"]
+    if "XL" in args["model"]:  # the reference's name-keyed schedule, made explicit (train.py:349-354)
+        raise NotImplementedError("siloss cases of an XL run need lam_schedule=XL_LAM_SCHEDULE")
+    zc = 4  # the reference's latent channels (loss.py:89)
+    method = get_method("reglue", feature_channels=x["images"].shape[1] - zc, lam_schedule=((0, args["lam"]),),
+                        w_cls=args["cls"], w_proj=args["proj_coeff"])
+    batch = Batch(latent=x["images"][:, :zc], features=x["images"][:, zc:], cls=x["cls_token"],
+                  repa_target=x["zs_target"], labels=x["labels"])
+    draws = Draws(x["t"], x["noises"], x["noises_cls"])
+    with torch.no_grad():
+        per = per_sample_losses(model, batch, draws)
+        terms = loss_terms(model, batch, method, args["global_step"], draws)
+    for ours, theirs in (("latent", "denoising_loss"), ("feature", "dino_loss"), ("cls", "denoising_loss_cls"),
+                         ("proj", "proj_loss")):
+        close(per[ours], case, theirs)
+    for ours, theirs in (("latent", "loss_mean"), ("feature", "dino_loss_mean"), ("proj", "proj_loss_mean"),
+                         ("cls", "loss_mean_cls"), ("loss", "loss_total")):
+        close(terms[ours], case, theirs)
+
+
+@runner("compressor")
+def compressor(case: Case) -> None:
+    model = EncoderDecoder(**case.meta["constructor"]["kwargs"])
+    model.load_state_dict(case.state(), strict=True)
+    model.eval()
+    with torch.no_grad():
+        latent = model.encoder(inputs(case)["x"])
+        close(latent, case, "latent")
+        close(model.decoder(latent), case, "reconstructed")
+    real = case.meta["real_size_checkpoint"]
+    with torch.device("meta"):
+        big = EncoderDecoder(real["build_channel_list"])
+    assert [(f"module.{k}", list(v.shape)) for k, v in big.state_dict().items()] == \
+        [(k["key"], k["shape"]) for k in real["keys"]]
+    assert sum(p.numel() for p in big.parameters()) == real["num_parameters"]
+    assert sum(p.numel() for p in big.encoder.parameters()) == real["num_encoder_parameters"]
+
+
+@runner("checkpoint_keys")
+def checkpoint_keys(case: Case) -> None:
+    for released in case.meta["models"]:
+        with torch.device("meta"):
+            model = build_sit(released["model"], **sit_kwargs_from_reference(released["kwargs"]))
+        keys = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+        assert keys == [(k["key"], k["shape"]) for k in released["keys"]], released["model"]
+        params = list(model.parameters())
+        assert sum(p.numel() for p in params) == released["num_parameters"]
+        assert sum(p.numel() for p in params if p.requires_grad) == released["num_trainable_parameters"]

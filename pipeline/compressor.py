@@ -1,0 +1,190 @@
+"""The semantic compressor and the DINOv2 norm stats, with safe loaders for the official files.
+
+REGLUE compresses the four normed DINOv2 layers (8..11, 4 x 768 = 3072 channels on the 16 x 16
+patch grid), standardized per channel, to 16 channels with the encoder half of a conv autoencoder
+(reference compressor.py; reference-implementation.md §3). Layer keys equal the reference's, so
+the official `compression_model.pth` (a DDP state dict, every key prefixed `module.`) loads strictly.
+
+Files are read with `torch.load(weights_only=True)`: tensors, containers and primitives only, plus
+the few numpy globals a norm-stats file needs. Nothing else in a pickle is ever executed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+HF_REPO = "https://huggingface.co/giorgospets/reglue"  # the official compressor and SiT-XL/2 (README:69,128)
+
+
+# ---- file helpers (one home; trainer.checkpoints uses them too) -------------------------------
+
+class UnsafeFileError(pickle.UnpicklingError):
+    """A file's pickle names a global outside the allow-list; it was not loaded."""
+
+
+def safe_load(path: str | os.PathLike, allowed: Sequence[Any] = (), *, mmap: bool = False,
+              hint: str = "") -> Any:
+    """`torch.load(weights_only=True)` on CPU with exactly the extra globals in `allowed`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist. {hint}".strip())
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise UnsafeFileError(
+            f"refused to load {path}: its pickle needs a global outside the allow-list "
+            f"{[getattr(g, '__qualname__', g) for g in allowed]}, and unpickling it could run arbitrary "
+            f"code. If you trust the file, re-save its tensors as a plain state dict. Details: {e}") from None
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to `<path>.tmp`, then rename: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---- the network (reference compressor.py) ---------------------------------------------------
+
+class ResidualBlock(nn.Module):
+    """relu(bn1(conv1 x)) -> bn2(conv2 .) -> + x -> relu; 3x3 convs (compressor.py:4-21)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))  # (B, C, g, g)
+        return torch.relu(self.bn2(self.conv2(out)) + x)  # (B, C, g, g)
+
+
+class ConvStack(nn.Module):
+    """3x3 convs through `channels`, a ResidualBlock after every conv but the last; no activation
+    after the first conv and a linear output (compressor.py:24-62). Key prefix `model.`."""
+
+    def __init__(self, channels: Sequence[int]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
+            layers.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1))
+            if i < len(channels) - 2:
+                layers.append(ResidualBlock(c_out))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)  # (B, channels[0], g, g) -> (B, channels[-1], g, g)
+
+
+class EncoderDecoder(nn.Module):
+    """The autoencoder: `encoder` through `build_channel_list`, `decoder` back through it reversed."""
+
+    def __init__(self, build_channel_list: Sequence[int] = (3072, 256, 16)):
+        super().__init__()
+        if len(build_channel_list) < 2:
+            raise ValueError(f"build_channel_list needs at least [in, out]; got {list(build_channel_list)}")
+        self.build_channel_list = list(build_channel_list)
+        self.encoder = ConvStack(self.build_channel_list)
+        self.decoder = ConvStack(self.build_channel_list[::-1])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        latent = self.encoder(x)  # (B, c, g, g)
+        return self.decoder(latent), latent  # (B, C, g, g), (B, c, g, g)
+
+
+def compressor_channels(state: dict[str, torch.Tensor]) -> list[int]:
+    """Recover `build_channel_list` from the encoder's conv shapes in a state dict."""
+    convs = sorted((int(k.split(".")[2]), v) for k, v in state.items()
+                   if k.startswith("encoder.model.") and k.count(".") == 3 and k.endswith(".weight"))
+    if not convs:
+        raise ValueError("not a compressor state dict: no 'encoder.model.<i>.weight' keys")
+    return [convs[0][1].shape[1]] + [w.shape[0] for _, w in convs]
+
+
+def load_compressor(path: str | os.PathLike) -> EncoderDecoder:
+    """The official `compression_model.pth` (or ours, same format) as an eval-mode EncoderDecoder.
+
+    Accepts keys with or without the DDP `module.` prefix; channels are inferred from the shapes."""
+    state = safe_load(path, hint=f"Download compression_model.pth from {HF_REPO} or train one "
+                                 "with `reglue train-compressor`.")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    model = EncoderDecoder(compressor_channels(state))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def save_compressor(path: str | os.PathLike, model: EncoderDecoder) -> None:
+    """Write the official format: a plain state dict whose keys carry DDP's `module.` prefix."""
+    state = {f"module.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save(state, path)
+
+
+# ---- norm stats (reference calc_norm_stats.py, train.py:333) --------------------------------
+
+# The official file is `torch.save({'mean': ndarray, 'std': ndarray})` of float32 arrays written by
+# NumPy >= 2; rebuilding those arrays needs exactly these globals (and torch's built-in _codecs.encode).
+NORM_STATS_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.Float32DType)
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Per-channel mean and population std of the concatenated normed DINOv2 layers."""
+
+    mean: torch.Tensor
+    """(C,) float32, C = len(layers) * dino_dim, channel order [L8 | L9 | L10 | L11]."""
+    std: torch.Tensor
+    """(C,) float32, strictly positive."""
+
+    def __post_init__(self):
+        for name in ("mean", "std"):
+            object.__setattr__(self, name, torch.as_tensor(np.asarray(getattr(self, name)), dtype=torch.float32))
+        if self.mean.ndim != 1 or self.mean.shape != self.std.shape:
+            raise ValueError(f"norm stats need two (C,) vectors; got {tuple(self.mean.shape)} and {tuple(self.std.shape)}")
+        if not bool((self.std > 0).all()):
+            raise ValueError("norm stats std must be > 0 in every channel")
+
+
+def load_norm_stats(path: str | os.PathLike) -> NormStats:
+    """The official `dino_mean_std_<layers>_<res>.pth` (or ours, same format), never executing pickle code."""
+    d = safe_load(path, NORM_STATS_GLOBALS, hint="The official file for layers 8..11 at 256 px is "
+                  "norm_stats/dino_mean_std_8_9_10_11_256.pth in the giorgospets/reglue repository.")
+    if not isinstance(d, dict) or not {"mean", "std"} <= d.keys():
+        raise ValueError(f"{path} is not a norm-stats file (expected a dict with 'mean' and 'std')")
+    return NormStats(d["mean"], d["std"])
+
+
+def save_norm_stats(path: str | os.PathLike, mean: Any, std: Any) -> None:
+    """Write the official format: `{'mean', 'std'}` float32 numpy arrays in a torch zip file."""
+    stats = NormStats(mean, std)
+    atomic_save({"mean": stats.mean.numpy(), "std": stats.std.numpy()}, path)
+
+
+# ---- the compress step -----------------------------------------------------------------------
+
+def compress(encoder: nn.Module, layers: torch.Tensor, stats: NormStats) -> torch.Tensor:
+    """(B, P, C) multi-layer patch tokens -> (B, c, g, g) compressed features at the DINO grid.
+
+    Standardize per channel, lay the tokens out as a (C, g, g) map, run the frozen encoder
+    (reference train.py:333-337). The bilinear upsample to the latent grid is the trainer's."""
+    B, P, C = layers.shape
+    g = math.isqrt(P)
+    if g * g != P or C != stats.mean.numel():
+        raise ValueError(f"layers {tuple(layers.shape)} need a square token count and {stats.mean.numel()} "
+                         "channels (the norm stats' width)")
+    x = (layers.float() - stats.mean.to(layers.device)) / stats.std.to(layers.device)  # (B, P, C)
+    x = x.transpose(1, 2).reshape(B, C, g, g)  # (B, C, g, g), token p = row * g + col
+    return encoder(x)  # (B, c, g, g)

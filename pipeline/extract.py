@@ -1,0 +1,459 @@
+"""`reglue extract`: an image source -> a feature cache (layout and markers: pipeline/store.py).
+
+Per image, as the reference computes it online (reference-implementation.md §1-2): ADM center
+crop, SD-VAE posterior mean and std, DINOv2 last-layer CLS and patch tokens (the REPA target,
+token-encoded by pipeline/codec.py); for `layers_limit` evenly spread samples the normed layers
+8..11; given a compressor and its norm stats, the compressed features of every image.
+
+How a run is organised (docs/extract.md):
+- The unit of work is a chunk of C samples. Process r of W (accelerate launch / torchrun) owns the
+  chunks k = r (mod W). Batches never cross a chunk, so W processes compute exactly the batches
+  of one process and store the same bytes.
+- DataLoader workers decode, the device encodes in batches, a thread writes finished chunks.
+- A chunk's done marker is written after all its arrays; a rerun skips marked chunks and rewrites
+  the others, so a kill at any moment loses at most the chunks in flight.
+- At the end each process re-verifies its chunks against their markers; process 0 waits (on the
+  markers, not on a collective, so ranks with unequal work never time out) until every chunk is
+  marked, and only then records the store as complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from reglue.pipeline import codec
+from reglue.pipeline.compressor import NormStats, compress, load_compressor, load_norm_stats
+from reglue.pipeline.encoders import EncoderSpec, FeatureEncoder
+from reglue.pipeline.sources import ImageDataset, SourceList, scan
+from reglue.pipeline.store import (Cache, CacheMeta, chunks_of_rank, digest, layer_sample_indices,
+                                   merge_skipped, refuse_foreign)
+
+DEFAULT_CHUNK_SIZE = 64
+"""Samples per chunk; measured in bench/RESULTS-extract.md (read throughput vs file count)."""
+TEST_DELAY_ENV = "REGLUE_EXTRACT_TEST_DELAY"
+"""Seconds to sleep after each batch, so that a test can SIGKILL a run half-way."""
+WRITE_QUEUE = 2
+"""Finished chunks waiting for the writer thread; bounds host memory (2 x C x ~0.2 MB at ViT-B)."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """One `reglue extract` run."""
+
+    src: str
+    """Image source: a class-folder tree (label = sorted folder index), a flat folder, or a file list."""
+    out: str = ""
+    """Cache URL (a local folder or any fsspec URL). Default: cache/<source name>.zarr."""
+    spec: EncoderSpec = field(default_factory=EncoderSpec)
+    """Encoders, resolution, layers and precision (pipeline/encoders.py); preset "tiny" for tests."""
+    layers_limit: int = 0
+    """Keep layers 8..11 (1.5 MiB/image at ViT-B) for this many evenly spread samples; 0 = none."""
+    compressor: str | None = None
+    """Compressor checkpoint (official `compression_model.pth` format): store `compressed` for every image."""
+    norm_stats: str | None = None
+    """Its norm stats (official `dino_mean_std_*.pth` format); required with `compressor`."""
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    """Samples per chunk: the unit of storage, of work per process and of resume."""
+    batch_size: int = 64
+    """Images per forward pass."""
+    num_workers: int = 4
+    """DataLoader processes decoding images (0 = decode in the main process)."""
+    device: str | None = None
+    """Torch device; default: this process's accelerator (cuda:<local rank>) or the CPU."""
+
+    def __post_init__(self):
+        if not self.out:
+            object.__setattr__(self, "out", str(Path("cache") / f"{Path(self.src).stem}.zarr"))
+        if self.layers_limit < 0:
+            raise ValueError(f"layers_limit {self.layers_limit} must be >= 0")
+        if (self.compressor is None) != (self.norm_stats is None):
+            raise ValueError("--compressor and --norm-stats go together: the compressor's input is the "
+                             "layers standardized with the norm stats it was trained with")
+        for name in ("chunk_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class ExtractSummary:
+    """What a run did, as process 0 sees it."""
+
+    url: str
+    num_samples: int
+    valid: int
+    written: int
+    """Samples this process wrote in this run (0 when resuming a finished store)."""
+    skipped: tuple[dict, ...]
+    seconds: float
+    stored_bytes: int
+    complete: bool
+
+    def __str__(self) -> str:
+        rate = self.written / max(self.seconds, 1e-9)
+        lines = [f"{self.url}: {self.num_samples} samples, {self.valid} valid, {len(self.skipped)} skipped; "
+                 f"wrote {self.written} in {self.seconds:.1f} s ({rate:.1f} img/s); "
+                 f"{self.stored_bytes:,} B stored = {self.stored_bytes / max(self.num_samples, 1):,.0f} B/image; "
+                 f"{'complete' if self.complete else 'INCOMPLETE'}"]
+        return "\n".join(lines + [f"  skipped {s['path']}: {s['reason']}" for s in self.skipped])
+
+
+# ---- the compressor --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Compressor:
+    """The frozen compressor encoder with its norm stats and where both came from."""
+
+    encoder: torch.nn.Module
+    stats: NormStats
+    provenance: dict
+
+    @classmethod
+    def load(cls, path: str, norm_stats: str, in_channels: int, stage: str) -> "Compressor":
+        model, stats = load_compressor(path), load_norm_stats(norm_stats)
+        channels = model.build_channel_list
+        if channels[0] != in_channels or stats.mean.numel() != in_channels:
+            raise ValueError(f"compressor {path} takes {channels[0]} channels and norm stats {norm_stats} have "
+                             f"{stats.mean.numel()}; the cache's layers have {in_channels} (len(layers) x dino_dim)")
+        provenance = {"stage": stage, "file": Path(path).name, "sha256": file_sha256(path), "channels": channels,
+                      "norm_stats": {"file": Path(norm_stats).name, "sha256": file_sha256(norm_stats)}}
+        return cls(model.encoder, stats, provenance)
+
+    @torch.no_grad()
+    def __call__(self, layers16: torch.Tensor) -> torch.Tensor:
+        # Input is the fp16-rounded layers (what `layers` stores), so that fill_compressed gives the
+        # same values from stored rows as extract does; the reference runs this block under fp16
+        # autocast (train.py:303-337), so fp16 inputs are within its own precision.
+        self.encoder.to(layers16.device)
+        return compress(self.encoder, layers16.float(), self.stats).half()  # [B, c, g, g]
+
+    def same_as(self, other: dict | None) -> bool:
+        return bool(other) and all(other[k] == self.provenance[k] for k in ("sha256", "channels", "norm_stats"))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ---- planning --------------------------------------------------------------------------------
+
+def process_state(device: str | None) -> tuple[PartialState, torch.device]:
+    """This process's rank/world (Accelerate; a plain `python` run is rank 0 of 1) and device."""
+    # cpu=True on a machine without CUDA makes torchrun ranks join over gloo instead of each
+    # believing it is alone.
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    return state, torch.device(device) if device else state.device
+
+
+def package_versions() -> dict:
+    return {p: version(p) for p in ("reglue", "torch", "timm", "diffusers", "zarr", "numpy", "pillow")}
+
+
+def plan_meta(cfg: ExtractConfig, sources: SourceList, encoder: FeatureEncoder,
+              comp: Compressor | None) -> CacheMeta:
+    """The store's metadata, every dimension taken from the encoders."""
+    e = encoder.meta()
+    q, scale = codec.encode_tokens(torch.zeros(1, e["num_patches"], e["dino_dim"]))
+    dtypes = {"vae_moments": "float16", "cls": "float32", "patches": str(q.dtype).removeprefix("torch."),
+              "patches_scale": str(scale.dtype).removeprefix("torch."), "labels": "int64", "valid": "bool"}
+    layers_count = min(cfg.layers_limit, len(sources))
+    if layers_count:
+        dtypes["layers"] = "float16"
+    if comp:
+        dtypes["compressed"] = "float16"
+    return CacheMeta(
+        num_samples=len(sources), chunk_size=cfg.chunk_size, resolution=e["resolution"],
+        latent_channels=e["latent_channels"], latent_size=e["latent_size"],
+        vae_scaling_factor=e["vae_scaling_factor"], dino_dim=e["dino_dim"], num_patches=e["num_patches"],
+        grid=e["grid"], layers=tuple(e["layers"]), layers_count=layers_count,
+        num_classes=sources.num_classes, class_names=sources.class_names,
+        encoders=e | {"spec": dataclasses.asdict(cfg.spec)}, patches_encoding=codec.ENCODING, dtypes=dtypes,
+        source={"root": str(Path(sources.root).resolve()), "kind": sources.kind, "count": len(sources),
+                "sha256": digest([sources.paths, sources.labels]), "empty_classes": list(sources.empty_classes)},
+        versions=package_versions(), compressed_channels=comp.provenance["channels"][-1] if comp else 0,
+        compressor=comp.provenance if comp else None)
+
+
+def open_store(url: str, meta: CacheMeta, paths: list[str], state: PartialState) -> Cache:
+    """Process 0 creates (or checks and reopens) the store; the others wait for it, then check it too."""
+    if state.is_main_process:
+        return Cache.create_or_resume(url, meta, paths)
+    return wait_for(lambda: Cache.create_or_resume(url, meta, paths, create=False), FileNotFoundError)
+
+
+def wait_for(attempt, retry_on: type[Exception], what: str = ""):
+    """Poll `attempt` until it stops raising `retry_on` (a file-based barrier: no collective that
+    could time out, and a crashed process is ended by the launcher, which also ends this one)."""
+    delay = 0.1
+    while True:
+        try:
+            return attempt()
+        except retry_on as e:
+            if what and delay >= 10:
+                print(f"waiting for {what}: {e}", flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def owned_pending(cache: Cache, namespace: str, state: PartialState) -> list[int]:
+    """This process's chunks that have no done marker yet."""
+    done = cache.markers(namespace)
+    return [k for k in chunks_of_rank(cache.num_chunks, state.process_index, state.num_processes) if k not in done]
+
+
+# ---- the pipeline: loader -> device -> writer thread ------------------------------------------
+
+def chunk_batches(sources: SourceList, resolution: int, needed: dict[int, np.ndarray], batch_size: int,
+                  num_workers: int, state: PartialState, desc: str) -> Iterator[tuple[int, Iterator]]:
+    """(k, batches of chunk k) in chunk order; every batch is (index, uint8 images, ok, reasons)
+    of at most `batch_size` samples of one chunk, decoded in DataLoader workers."""
+    indices = [int(i) for ids in needed.values() for i in ids]
+    batches, counts, pos = [], [], 0  # batches hold positions in `indices`
+    for ids in needed.values():
+        n = len(ids)
+        batches += [list(range(pos + i, pos + min(i + batch_size, n))) for i in range(0, n, batch_size)]
+        counts.append(-(-n // batch_size))
+        pos += n
+    loader = iter(torch.utils.data.DataLoader(
+        ImageDataset(sources, resolution, indices), batch_sampler=batches,
+        num_workers=num_workers if indices else 0, pin_memory=torch.cuda.is_available()))
+    bar = tqdm(total=len(indices), unit="img", desc=desc, disable=not state.is_main_process, smoothing=0.1)
+    delay = float(os.environ.get(TEST_DELAY_ENV, 0))
+
+    def take(n: int) -> Iterator:
+        for _ in range(n):
+            batch = next(loader)
+            yield batch
+            bar.update(len(batch[0]))
+            time.sleep(delay)
+
+    for k, n in zip(needed, counts):
+        yield k, take(n)
+    bar.close()
+
+
+class ChunkWriter:
+    """Writes finished chunks from a thread behind a bounded queue, so that the device keeps working."""
+
+    def __init__(self, cache: Cache, namespace: str):
+        self.cache, self.namespace, self.error = cache, namespace, None
+        self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
+        self.thread = threading.Thread(target=self._run, name=f"reglue-{namespace}-writer", daemon=True)
+        self.thread.start()
+        self.written = 0
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    k, data, extra = item
+                    self.cache.write_chunk(self.namespace, k, data, **extra)
+                except BaseException as e:  # re-raised in the main thread
+                    self.error = e
+
+    def submit(self, k: int, data: dict[str, np.ndarray], **extra) -> None:
+        self._raise()
+        self.queue.put((k, data, extra))
+        start, stop = self.cache.sample_range(k)
+        self.written += stop - start
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"writing to {self.cache.url} failed: {self.error}") from self.error
+
+    def __enter__(self) -> "ChunkWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Also on an error: chunks already queued are whole, so finishing them keeps their work.
+        self.queue.put(None)
+        self.thread.join()
+        if exc[0] is None:
+            self._raise()
+
+
+def finish(cache: Cache, namespace: str, state: PartialState) -> dict[int, dict]:
+    """Re-verify this process's chunks; on process 0 wait until every chunk is marked. Returns markers."""
+    markers = cache.markers(namespace)
+    bad = []
+    for k in chunks_of_rank(cache.num_chunks, state.process_index, state.num_processes):
+        reason = cache.verify_chunk(namespace, k, markers.get(k))
+        if reason:
+            cache.delete_marker(namespace, k)
+            bad.append(f"chunk {k}: {reason}")
+    if bad:
+        raise RuntimeError(f"{cache.url}: {len(bad)} chunks failed verification and will be recomputed by "
+                           f"rerunning the same command: {'; '.join(bad[:10])}")
+    if not state.is_main_process:
+        return markers
+
+    def all_marked() -> dict[int, dict]:
+        if missing := cache.missing_chunks(namespace):
+            raise TimeoutError(f"{len(missing)} chunks not done yet (first: {missing[:8]})")
+        return cache.markers(namespace)
+
+    return wait_for(all_marked, TimeoutError, what="the other processes")
+
+
+# ---- extract ---------------------------------------------------------------------------------
+
+def encode_batch(encoder: FeatureEncoder, images: torch.Tensor, with_layers: bool,
+                 comp: Compressor | None) -> dict[str, np.ndarray]:
+    """Stored values for a batch of good crops, by array name."""
+    f = encoder.encode(images, with_layers=with_layers or comp is not None)
+    q, scale = codec.encode_tokens(f["patches"])
+    out = {"vae_moments": torch.cat([f["vae_mean"], f["vae_std"]], dim=1).half(),  # [B, 2zc, h, h]
+           "cls": f["cls"], "patches": q, "patches_scale": scale}
+    if "layers" in f:
+        out["layers"] = f["layers"].half()  # [B, P, L*D]
+        if comp:
+            out["compressed"] = comp(out["layers"])  # [B, c, g, g]
+    return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def extract_chunks(cache: Cache, chunks: list[int], sources: SourceList, encoder: FeatureEncoder,
+                   comp: Compressor | None, cfg: ExtractConfig, state: PartialState) -> int:
+    """Compute and write `chunks`; returns the number of samples written."""
+    m = cache.meta
+    layer_index = layer_sample_indices(m.num_samples, m.layers_count)
+    labels = np.asarray(sources.labels, dtype=np.int64)
+    needed = {k: np.arange(*cache.sample_range(k)) for k in chunks}
+    with ChunkWriter(cache, "extract") as writer:
+        for k, batches in chunk_batches(sources, m.resolution, needed, cfg.batch_size, cfg.num_workers,
+                                        state, f"extract [rank {state.process_index}/{state.num_processes}]"):
+            (start, stop), (j0, j1) = cache.sample_range(k), cache.layer_rows(k)
+            rows = {name: (j1 - j0 if name == "layers" else stop - start) for name in m.dtypes}
+            chunk = {name: np.zeros((n, *cache.array(name).shape[1:]), m.dtypes[name]) for name, n in rows.items()}
+            chunk["labels"][:] = labels[start:stop]
+            skipped = []
+            for index, images, ok, reasons in batches:
+                index, ok = index.numpy(), ok.numpy()
+                chunk["valid"][index - start] = ok
+                skipped += [{"index": int(i), "path": sources.paths[i], "reason": r}
+                            for i, good, r in zip(index, ok, reasons) if not good]
+                if not ok.any():
+                    continue
+                good = index[ok]
+                j = np.searchsorted(layer_index, good)
+                keeps = j < len(layer_index)
+                keeps[keeps] = layer_index[j[keeps]] == good[keeps]
+                out = encode_batch(encoder, images[torch.from_numpy(ok)], keeps.any(), comp)
+                for name in chunk.keys() & out.keys() - {"layers"}:
+                    chunk[name][good - start] = out[name]
+                if keeps.any():
+                    chunk["layers"][j[keeps] - j0] = out["layers"][keeps]
+            writer.submit(k, chunk, skipped=skipped)
+    return writer.written
+
+
+def extract(cfg: ExtractConfig) -> ExtractSummary:
+    """Run (or resume, or confirm) the extraction of `cfg.src` into `cfg.out`."""
+    t0 = time.perf_counter()
+    sources = scan(cfg.src)
+    refuse_foreign(cfg.out)  # before loading any weights: a wrong --out fails in a second
+    state, device = process_state(cfg.device)
+    encoder = FeatureEncoder(cfg.spec, device)
+    comp = None
+    if cfg.compressor:
+        comp = Compressor.load(cfg.compressor, cfg.norm_stats, len(cfg.spec.layers) * encoder.dino_dim, "extract")
+    cache = open_store(cfg.out, plan_meta(cfg, sources, encoder, comp), list(sources.paths), state)
+    written = 0
+    if not cache.meta.complete:
+        written = extract_chunks(cache, owned_pending(cache, "extract", state), sources, encoder, comp, cfg, state)
+        markers = finish(cache, "extract", state)
+        if state.is_main_process:
+            cache.update_meta(skipped=merge_skipped(markers.values()), complete=True)
+    summary = summarize(cache, written, time.perf_counter() - t0)
+    state.print(summary)
+    return summary
+
+
+def summarize(cache: Cache, written: int, seconds: float) -> ExtractSummary:
+    return ExtractSummary(cache.url, cache.meta.num_samples, int(cache.read("valid").sum()), written,
+                          cache.meta.skipped, seconds, sum(cache.stored_bytes().values()), cache.meta.complete)
+
+
+# ---- fill_compressed -------------------------------------------------------------------------
+
+def fill_compressed(cache_url: str, compressor: str, norm_stats: str, *, src: str | None = None,
+                    batch_size: int = 64, num_workers: int = 4, device: str | None = None) -> ExtractSummary:
+    """Add `compressed` [N, c, g, g] to a complete cache: from the stored `layers` rows where there are
+    some, else by a second DINOv2 pass over the source images (`src` overrides the recorded root).
+
+    Resumable like `extract` (its own marker namespace "compressed"); the array becomes visible
+    (`cache.has("compressed")`) only once every chunk is verified."""
+    t0 = time.perf_counter()
+    state, device = process_state(device)
+    cache = Cache.open(cache_url, mode="r+")
+    m = cache.meta
+    comp = Compressor.load(compressor, norm_stats, len(m.layers) * m.dino_dim, "fill")
+    if m.compressed_channels:
+        if not comp.same_as(m.compressor):
+            raise ValueError(f"{cache_url} already holds compressed features from {m.compressor}; "
+                             "extract a new cache for another compressor")
+        return summarize(cache, 0, time.perf_counter() - t0)
+    if state.is_main_process:
+        cache.prepare_fill(comp.provenance)
+    wait_for(lambda: cache.check_fill(comp.provenance), FileNotFoundError)
+    chunks = owned_pending(cache, "compressed", state)
+    written = fill_chunks(cache, chunks, comp, src, batch_size, num_workers, device, state)
+    finish(cache, "compressed", state)
+    if state.is_main_process:
+        cache.update_meta(compressed_channels=comp.provenance["channels"][-1], compressor=comp.provenance,
+                          dtypes=m.dtypes | {"compressed": "float16"})
+    summary = summarize(cache, written, time.perf_counter() - t0)
+    state.print(summary)
+    return summary
+
+
+def fill_chunks(cache: Cache, chunks: list[int], comp: Compressor, src: str | None, batch_size: int,
+                num_workers: int, device: torch.device, state: PartialState) -> int:
+    m = cache.meta
+    layer_index = layer_sample_indices(m.num_samples, m.layers_count)
+    valid = cache.read("valid")
+    sources = SourceList(Path(src or m.source["root"]), tuple(cache.source_paths()),
+                         tuple(int(x) for x in cache.read("labels")))
+    needed = {}
+    for k in chunks:
+        start, stop = cache.sample_range(k)
+        ids = np.arange(start, stop)
+        needed[k] = ids[valid[start:stop] & ~np.isin(ids, layer_index[slice(*cache.layer_rows(k))])]
+    encoder = None
+    if any(len(v) for v in needed.values()):
+        spec = EncoderSpec(**m.encoders["spec"])
+        encoder = FeatureEncoder(dataclasses.replace(spec, precision=m.encoders["precision"]), device)
+    shape = (m.compressed_channels or comp.provenance["channels"][-1], m.grid, m.grid)
+    with ChunkWriter(cache, "compressed") as writer:
+        for k, batches in chunk_batches(sources, m.resolution, needed, batch_size, num_workers, state,
+                                        f"fill-compressed [rank {state.process_index}/{state.num_processes}]"):
+            (start, stop), (j0, j1) = cache.sample_range(k), cache.layer_rows(k)
+            out = np.zeros((stop - start, *shape), np.float16)
+            rows = layer_index[j0:j1]
+            keep = valid[rows]
+            if keep.any():
+                layers = torch.from_numpy(cache.read("layers", j0, j1)[keep]).to(device)
+                out[rows[keep] - start] = comp(layers).cpu().numpy()
+            for index, images, ok, reasons in batches:
+                if bad := np.flatnonzero(~ok.numpy()).tolist():
+                    raise ValueError(f"{sources.path(int(index[bad[0]]))} decoded at extract time but not now "
+                                     f"({reasons[bad[0]]}): the source changed")
+                layers = encoder.encode(images, with_layers=True)["layers"].half()
+                out[index.numpy() - start] = comp(layers).cpu().numpy()
+            writer.submit(k, {"compressed": out})
+    return writer.written

@@ -1,0 +1,88 @@
+"""`reglue fid` / `fid-ref` end to end on a tiny checkpoint, with a random-weight Inception of the
+real architecture saved as the real file's TorchScript, and the Inception weights lookup."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reglue.trainer import inception as inc
+from reglue.trainer.inception import INCEPTION_FILE, Inception, inception_file, save_standin
+from reglue.weights import WeightsUnavailable
+from test_sampling_generate import run_cli, tiny_checkpoint  # noqa: F401  (fixture)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Inception on 299^2 inputs: one thread is ~4x faster than two on a shared, loaded 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    return save_standin(tmp_path_factory.mktemp("inception") / INCEPTION_FILE)
+
+
+def test_inception_file_lookup_and_offline_errors(tmp_path, monkeypatch, standin):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(inc.INCEPTION_ENV, raising=False)
+    assert inception_file(standin) == standin and inception_file(standin.parent) == standin
+    monkeypatch.setenv(inc.INCEPTION_ENV, str(standin))
+    assert inception_file() == standin
+    monkeypatch.setenv(inc.INCEPTION_ENV, str(tmp_path / "nowhere.pt"))
+    with pytest.raises(WeightsUnavailable, match="nowhere.pt.*inception-2015-12-05.pt.*--inception"):
+        inception_file()
+    monkeypatch.delenv(inc.INCEPTION_ENV)
+    with pytest.raises(WeightsUnavailable, match=str(tmp_path / "cache" / "reglue" / INCEPTION_FILE)):
+        inception_file(download=False)
+
+    def offline(url, file):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(inc, "_download", offline)
+    with pytest.raises(WeightsUnavailable, match="download failed.*Name or service.*nvlabs-fi-cdn"):
+        inception_file()
+    renamed = tmp_path / "inception.pt"
+    renamed.write_bytes(standin.read_bytes())
+    with pytest.raises(ValueError, match="must be named"):
+        inception_file(renamed)
+
+
+def test_one_pass_features_equal_the_networks_own(standin):
+    net = Inception(standin)
+    images = torch.randint(0, 256, (2, 3, 48, 40), dtype=torch.uint8)  # any size: resized to 299 inside
+    pool, spatial = net.pool_and_spatial(images)
+    torch.testing.assert_close(pool, net.pool(images), rtol=0, atol=0)
+    assert spatial.shape == (2, 17 * 17 * 7) and net.spatial_checked
+    probs = net.probs(pool)
+    assert probs.shape == (2, 1008) and torch.allclose(probs.sum(1), torch.ones(2))
+
+
+def test_fid_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, standin, tmp_path):  # noqa: F811
+    real = tmp_path / "real"
+    real.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):  # odd sizes: fid-ref applies the ADM center crop
+        Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(real / f"{i}.png")
+    common = ["--inception", standin, "--cpu"]
+    run_cli("fid-ref", real, "--out", tmp_path / "ref.npz", "--resolution", 64, *common)
+    out = run_cli("fid", tiny_checkpoint, "--ref", tmp_path / "ref.npz", "--num", 4, "--vae-preset", "tiny", *common)
+    samples = sorted(tiny_checkpoint.parent.glob("*.npz"))
+    assert [p.name for p in samples] == ["0000100-sde250-cfg2.3-seed0-4.npz"]  # beside the checkpoint
+    report = json.loads(samples[0].with_suffix(".metrics.json").read_text())
+    metrics = report["metrics"]
+    assert set(metrics) == {"fid", "sfid", "inception_score", "precision", "recall"} and not report["not_computed"]
+    assert metrics["fid"] > 0 and metrics["sfid"] > 0 and 1 <= metrics["inception_score"] <= 1008
+    assert "FID-4 " in out and report["summary"] in out and report["num_samples"] == 4
+
+    # The samples against their own statistics: FD ~ 0 and full precision/recall.
+    run_cli("fid-ref", samples[0], "--out", tmp_path / "self.npz", *common)
+    run_cli("fid", samples[0], "--ref", tmp_path / "self.npz", "--no-sfid", "--out", tmp_path / "m.json", *common)
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert abs(metrics["fid"]) < 1e-6 and metrics["precision"] == metrics["recall"] == 1.0
+    assert json.loads((tmp_path / "m.json").read_text())["not_computed"] == {"sfid": "turned off"}

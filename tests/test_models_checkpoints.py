@@ -1,0 +1,125 @@
+"""Checkpoints: our snapshot round trip, the official format loaded strictly, malicious files refused."""
+
+import argparse
+import os
+
+import pytest
+import torch
+
+from golden_models import one_thread  # noqa: F401  (autouse: one intra-op thread)
+
+from reglue.pipeline.compressor import UnsafeFileError
+from reglue.trainer.checkpoints import _official_config, load_model, save_snapshot
+from reglue.trainer.models import build_sit, count_parameters, preset_kwargs
+from reglue.trainer.objective import METHODS, XL_LAM_SCHEDULE, get_method
+
+KWARGS = dict(input_size=8, in_channels=8, num_classes=10, cls_dim=16, z_dims=(16,))  # 64 px, 4 feature channels
+MODEL_KWARGS = {**preset_kwargs("SiT-tiny/2"), **KWARGS}
+
+
+def random_sit(seed: int):
+    torch.manual_seed(seed)
+    model = build_sit("SiT-tiny/2", **KWARGS)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def same_outputs(a, b):
+    g = torch.Generator().manual_seed(3)
+    args = (torch.randn(2, 8, 8, 8, generator=g), torch.rand(2, generator=g), torch.tensor([1, 10]))
+    cls = torch.randn(2, 16, generator=g)
+    with torch.no_grad():
+        (xa, (za,), ca), (xb, (zb,), cb) = a(*args, cls_token=cls), b(*args, cls_token=cls)
+    for ours, theirs in ((xa, xb), (za, zb), (ca, cb)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_snapshot_round_trip(tmp_path):
+    ema = random_sit(0)
+    path = tmp_path / "snapshots" / "0000100.pt"
+    method = get_method("reglue", feature_channels=4)
+    meta = dict(latent_channels=4, resolution=64, vae_scaling_factor=0.18215, cache="memory://x")
+    save_snapshot(path, ema, model_kwargs=MODEL_KWARGS, method=method, step=100, meta=meta)
+    assert os.listdir(path.parent) == ["0000100.pt"]  # the tmp file was renamed, not left behind
+    (tmp_path / "step-0000100").mkdir()  # a training checkpoint folder holds the same payload as ema.pt
+    os.replace(path, tmp_path / "step-0000100" / "ema.pt")
+    model, info = load_model(tmp_path / "step-0000100")
+    same_outputs(model, ema)
+    assert not model.training and not model.pos_embed.requires_grad
+    assert (info.method, info.step, info.latent_channels, info.feature_channels) == (method, 100, 4, 4)
+    assert (info.cls_dim, info.num_classes, info.resolution, info.vae_scaling_factor) == (16, 10, 64, 0.18215)
+    with pytest.raises(ValueError, match="vae_scaling_factor"):
+        save_snapshot(tmp_path / "bad.pt", ema, model_kwargs=MODEL_KWARGS, method=method, step=0,
+                      meta=dict(latent_channels=4, resolution=64))
+    with pytest.raises(TypeError, match=r"meta\['cache'\] is a PosixPath"):
+        save_snapshot(tmp_path / "bad.pt", ema, model_kwargs=MODEL_KWARGS, method=method, step=0,
+                      meta={**meta, "cache": tmp_path})
+    with pytest.raises(ValueError, match="does not match method"):
+        save_snapshot(tmp_path / "bad.pt", ema, model_kwargs=MODEL_KWARGS, method=METHODS["reglue"], step=0, meta=meta)
+
+
+def official_checkpoint(path):
+    """A file in the format train.py:376-387 writes, around a tiny SiT."""
+    model, ema = random_sit(1), random_sit(2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    model(torch.randn(1, 8, 8, 8), torch.rand(1), torch.tensor([0]), cls_token=torch.randn(1, 16))[0].sum().backward()
+    opt.step()
+    args = official_args(model="SiT-tiny/2", resolution=64, num_classes=10, feat_channels=4, encoder_depth=1)
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args,
+                "steps": 400_000}, path)
+    return ema
+
+
+def test_official_checkpoint_loads_its_ema_strictly(tmp_path):
+    ema = official_checkpoint(tmp_path / "0400000.pt")
+    model, info = load_model(tmp_path / "0400000.pt")
+    same_outputs(model, ema)
+    assert info.step == 400_000 and info.feature_channels == 4 and info.cls_dim == 16 and info.resolution == 64
+    assert info.method.features == "compressed" and info.method.layers == (8, 9, 10, 11)
+    assert info.method.lam(400_000) == 1.0  # not an XL run: the reference keeps lambda
+
+
+def official_args(**overrides) -> argparse.Namespace:
+    """The args train.py pickles (parse_args, after `interm_layers` was split at train.py:174)."""
+    return argparse.Namespace(**{**dict(
+        model="SiT-XL/2", resolution=256, num_classes=1000, feat_channels=16, encoder_depth=8, fused_attn=True,
+        qk_norm=False, cfg_prob=0.1, enc_type="dinov2-vit-b", lam=1.0, cls=0.03, proj_coeff=0.5,
+        interm_layers=[8, 9, 10, 11], encoder_channel_list="3072,256,16", exp_name="x", seed=0), **overrides})
+
+
+def test_official_xl_configuration_and_its_lambda_schedule():
+    # Shapes only: the XL/2 mapping is checked at full size without building 685 M parameters.
+    kwargs, method, meta = _official_config(official_args(), {"projectors.0.4.weight": torch.zeros(768, 2048)})
+    assert count_parameters("SiT-XL/2", **kwargs) == 685_164_880
+    assert (kwargs["in_channels"], kwargs["cls_dim"], kwargs["encoder_depth"]) == (20, 768, 8)
+    # The XL run halved lambda from 250K and quartered it from 500K (train.py:349-354).
+    assert method.lam_schedule == XL_LAM_SCHEDULE and meta["resolution"] == 256
+
+
+class Exploit:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_malicious_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"ema": random_sit(0).state_dict(), "args": Exploit(marker), "steps": 1}, path)
+    with pytest.raises(UnsafeFileError, match="refused to load"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_missing_or_foreign_files_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="official REGLUE checkpoint"):
+        load_model(tmp_path / "none.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="neither a reglue snapshot"):
+        load_model(tmp_path / "other.pt")

@@ -1,0 +1,146 @@
+"""The cache loader's order, sharding, reads and resumable position, on an in-memory stand-in for
+`pipeline.store.Cache` (the same `read` / `meta` / `valid_indices` interface); the real-cache
+path is covered by test_train_loop.py."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from reglue.trainer.data import CacheLoader, epoch_order, read_rows
+from reglue.trainer.ema import EMA
+from reglue.trainer.pca import pca_from_moments
+
+
+class ArrayCache:
+    """`x[i] = (i, i, i)` for N samples in chunks of C; records every read."""
+
+    def __init__(self, n: int, chunk: int, invalid=()):
+        self.x = np.repeat(np.arange(n, dtype=np.float32)[:, None], 3, axis=1)
+        self.valid = np.ones(n, bool)
+        self.valid[list(invalid)] = False
+        self.meta = SimpleNamespace(chunk_size=chunk)
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, name, start, stop):
+        self.reads.append((start, stop))
+        return self.x[start:stop]
+
+    def valid_indices(self):
+        return np.flatnonzero(self.valid)
+
+
+def take(loader, steps):
+    batches = [next(loader) for _ in range(steps)]
+    loader.close()
+    return batches
+
+
+def stream(loader, steps):
+    return np.concatenate([b["index"].numpy() for b in take(loader, steps)])
+
+
+def test_each_epoch_covers_every_valid_sample_exactly_once():
+    cache = ArrayCache(37, 5, invalid=(3, 20))
+    valid = cache.valid_indices()
+    got = stream(CacheLoader(cache, ["x"], 7, seed=1, window=10), 20)  # 140 samples: 4 epochs of 35 (+0)
+    for e in range(4):
+        epoch = got[e * 35:(e + 1) * 35]
+        assert sorted(epoch) == list(valid), f"epoch {e} is not a permutation of the valid samples"
+    assert not np.array_equal(got[:35], got[35:70]), "every epoch must reshuffle"
+
+
+def test_rows_are_the_stored_rows():
+    cache = ArrayCache(40, 8)
+    for batch in take(CacheLoader(cache, ["x"], 8, seed=0, window=16), 6):
+        assert torch.equal(batch["x"][:, 0], batch["index"].float())
+
+
+def test_order_depends_only_on_seed_and_epoch():
+    rows = np.arange(64)
+    a, bounds = epoch_order(rows, 8, 2, seed=3, epoch=5)
+    b, _ = epoch_order(rows, 8, 2, seed=3, epoch=5)
+    assert np.array_equal(a, b) and list(bounds) == [0, 16, 32, 48]
+    assert not np.array_equal(a, epoch_order(rows, 8, 2, seed=4, epoch=5)[0])
+    # a window holds exactly the samples of its two chunks: the read locality the trade-off buys
+    for lo in bounds:
+        assert len(np.unique(a[lo:lo + 16] // 8)) == 2
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_split_each_global_batch_and_together_equal_one_process(world):
+    cache = ArrayCache(50, 6, invalid=(7,))
+    one = [b["index"].numpy() for b in take(CacheLoader(cache, ["x"], 8, seed=2, window=12), 12)]
+    ranks = [[b["index"].numpy() for b in take(CacheLoader(cache, ["x"], 8, seed=2, window=12, rank=r, world=world), 12)]
+             for r in range(world)]
+    for k in range(12):
+        assert all(len(ranks[r][k]) == 8 // world for r in range(world))
+        assert np.array_equal(np.concatenate([ranks[r][k] for r in range(world)]), one[k])
+
+
+def test_global_batch_must_divide_among_processes():
+    with pytest.raises(ValueError, match="divisible"):
+        CacheLoader(ArrayCache(16, 4), ["x"], 6, world=4)
+
+
+def test_position_resumes_the_stream_exactly():
+    cache = ArrayCache(45, 5)
+    straight = stream(CacheLoader(cache, ["x"], 6, seed=9, window=10), 12)
+    first = CacheLoader(cache, ["x"], 6, seed=9, window=10)
+    take(first, 7)
+    state = first.state_dict()
+    assert state["position"] == 42 and (state["epoch"], state["offset"]) == (0, 42)
+    resumed = CacheLoader(cache, ["x"], 6, seed=9, window=10)
+    resumed.load_state_dict(state)
+    assert np.array_equal(stream(resumed, 5), straight[42:])
+
+
+def test_reads_are_contiguous_spans_one_per_chunk_touched():
+    cache = ArrayCache(64, 8)
+    take(CacheLoader(cache, ["x"], 16, seed=0, window=32), 4)  # one epoch (the thread may read ahead)
+    first_epoch = cache.reads[:8]
+    assert sorted(start // 8 for start, _ in first_epoch) == list(range(8)), "each chunk once per epoch"
+    assert all(start // 8 == (stop - 1) // 8 for start, stop in cache.reads)
+
+
+def test_read_rows_keeps_the_requested_order():
+    cache = ArrayCache(30, 4)
+    ids = np.array([17, 2, 29, 3, 16])
+    assert np.array_equal(read_rows(cache, ["x"], ids, 4)["x"][:, 0], ids)
+
+
+def test_loader_thread_errors_reach_the_consumer():
+    class Broken(ArrayCache):
+        def read(self, name, start, stop):
+            raise OSError("chunk file missing")
+
+    with pytest.raises(OSError, match="chunk file missing"):
+        next(CacheLoader(Broken(16, 4), ["x"], 4))
+
+
+def test_ema_starts_as_a_copy_and_follows_the_reference_update():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, 0.9)
+    assert all(torch.equal(a, b) for a, b in zip(ema.model.parameters(), model.parameters()))
+    before = [p.clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for old, new, p in zip(before, ema.model.parameters(), model.parameters()):
+        assert torch.allclose(new, 0.9 * old + 0.1 * p)
+
+
+def test_pca_recovers_the_dominant_direction_of_standardized_tokens():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 5, generator=gen, dtype=torch.float64)
+    x[:, 2] += 3 * x[:, 0]  # channels 0 and 2 correlated: the first component mixes them
+    x = x * torch.tensor([1.0, 2.0, 5.0, 1.0, 0.5], dtype=torch.float64) + 7
+    pca = pca_from_moments(x.sum(0), x.T @ x, len(x), 2)
+    assert torch.allclose(pca.mean.double(), x.mean(0), atol=1e-5)
+    assert torch.allclose(pca.std.double(), x.std(0, unbiased=False), rtol=1e-5)
+    first = pca.components[0].abs()
+    assert set(first.topk(2).indices.tolist()) == {0, 2}
+    z = pca.project(x.float().reshape(1000, 4, 5))  # (B, k, 2, 2)
+    assert z.shape == (1000, 2, 2, 2)

@@ -1,0 +1,219 @@
+"""`reglue train-compressor` and `reglue train` end to end on a tiny real cache (tiny preset encoders,
+64 px, 32 images with layers for all), CPU and fp32."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from reglue.cli import app
+
+from reglue.pipeline.compressor import compress, load_compressor, load_norm_stats
+from reglue.pipeline.encoders import EncoderSpec
+from reglue.pipeline.extract import ExtractConfig, extract
+from reglue.pipeline.store import Cache
+from reglue.trainer.checkpoints import load_model
+from reglue.trainer.compressor_train import CompressorConfig, layer_norm_stats, train_compressor
+from reglue.trainer.data import CacheLoader, epoch_order, prepare_batch, required_arrays
+from reglue.trainer.loop import PAUSE_ENV, TrainConfig, train
+from reglue.trainer.objective import get_method
+
+N, CHUNK, BATCH = 32, 8, 8
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def caches(tmp_path_factory):
+    """`bare`: straight from extract; `full`: plus a 2-epoch compressor and its compressed features."""
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    for i in range(N):
+        folder = root / "images" / f"class{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((72, 80, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    bare = str(root / "bare.zarr")
+    extract(ExtractConfig(str(root / "images"), bare, EncoderSpec(preset="tiny", resolution=64),
+                          layers_limit=N, chunk_size=CHUNK, batch_size=CHUNK, num_workers=0))
+    full = str(root / "full.zarr")
+    shutil.copytree(bare, full)
+    train_compressor(CompressorConfig(full, str(root / "compressor"), epochs=2, fill=True))
+    return {"bare": bare, "full": full, "compressor": root / "compressor"}
+
+
+def config(cache, out, **kw):
+    base = dict(model="SiT-tiny/2", global_batch=BATCH, precision="fp32", max_steps=3, log_every=1, ckpt_every=3,
+                snapshot_every=3, sample_every=0, trackers=())
+    return TrainConfig(cache, str(out), **{**base, **kw})
+
+
+def log(run):
+    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+
+
+def losses(run):
+    return [{k: v for k, v in line.items() if k not in ("img_per_s",)} for line in log(run)]
+
+
+def cli_train(cache, out, *extra, env=ENV):
+    return [sys.executable, "-m", "reglue.cli", "train", "--cache", cache, "--out", str(out), "--model", "SiT-tiny/2",
+            "--global-batch", str(BATCH), "--precision", "fp32", "--log-every", "1", "--ckpt-every", "3",
+            "--sample-every", "0", "--trackers", "", *extra]
+
+
+# ---- train-compressor ---------------------------------------------------------------------------
+
+def test_norm_stats_from_dask_equal_numpy(caches):
+    cache = Cache.open(caches["bare"])
+    mean, std = layer_norm_stats(cache, block_rows=3)
+    x = cache.read("layers").astype(np.float64).reshape(-1, cache.array("layers").shape[-1])
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(std, x.std(0), rtol=1e-12)  # population std, as calc_norm_stats.py:76-79
+    saved = load_norm_stats(caches["compressor"] / "dino_mean_std_8_9_10_11_64.pth")  # official name and format
+    assert torch.equal(saved.std, torch.from_numpy(std).float())
+
+
+def test_compressor_files_and_filled_features(caches):
+    cache = Cache.open(caches["full"])
+    encoder = load_compressor(caches["compressor"] / "compression_model.pth").encoder
+    assert encoder.model[0].in_channels == 4 * cache.meta.dino_dim and cache.meta.compressed_channels == 16
+    report = json.loads((caches["compressor"] / "compressor.json").read_text())
+    assert len(report["epoch_mse"]) == 2 and report["global_batch"] == N  # 4096 capped by the rows stored
+    stats = load_norm_stats(caches["compressor"] / "dino_mean_std_8_9_10_11_64.pth")
+    with torch.no_grad():
+        want = compress(encoder, torch.from_numpy(cache.read("layers", 0, 4)), stats)
+    got = torch.from_numpy(cache.read("compressed", 0, 4)).float()
+    assert torch.allclose(got, want, rtol=2e-3, atol=2e-3)  # stored as float16
+
+
+def test_compressor_needs_layers_rows(caches, tmp_path):
+    cache = str(tmp_path / "nolayers.zarr")
+    shutil.copytree(caches["bare"], cache)
+    meta = zarr.open_group(cache, mode="r+").attrs["reglue"]
+    zarr.open_group(cache, mode="r+").attrs["reglue"] = {**meta, "layers_count": 0}
+    with pytest.raises(ValueError, match="layers-limit"):
+        train_compressor(CompressorConfig(cache, str(tmp_path / "c")))
+
+
+# ---- the batch ----------------------------------------------------------------------------------
+
+def test_prepare_batch_samples_upsamples_and_decodes(caches):
+    cache = Cache.open(caches["full"])
+    method = get_method("reglue")
+    raw = next(CacheLoader(cache, required_arrays(method, cache), BATCH))
+    torch.manual_seed(0)
+    batch = prepare_batch(raw, method, cache.meta, torch.device("cpu"))
+    m = cache.meta
+    assert batch.latent.shape == (BATCH, m.latent_channels, m.latent_size, m.latent_size)
+    assert batch.features.shape == (BATCH, 16, m.latent_size, m.latent_size)  # 4x4 grid -> 8x8 latent
+    assert batch.repa_target.shape == (BATCH, 1 + m.num_patches, m.dino_dim)
+    assert torch.equal(batch.repa_target[:, 0], batch.cls)
+    mean, std = raw["vae_moments"].float().chunk(2, dim=1)
+    torch.manual_seed(0)
+    assert torch.allclose(batch.latent, (mean + std * torch.randn_like(mean)) * 0.18215)
+    up = torch.nn.functional.interpolate(raw["compressed"].float(), size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.equal(batch.features, up)
+
+
+# ---- train: the five methods --------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["sit", "repa", "reg", "redi", "reglue"])
+def test_each_method_trains(caches, tmp_path, method):
+    extra = dict(trackers=("tensorboard",), sample_every=3, sample_steps=2) if method == "reglue" else {}
+    train(config(caches["full"], tmp_path, method=method, **extra))
+    m = get_method(method)
+    lines = log(tmp_path)
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert all(math.isfinite(line["loss"]) for line in lines)
+    assert all((line["feature"] != 0) == (m.features != "none") and (line["cls"] != 0) == m.cls
+               and (line["proj"] != 0) == m.repa for line in lines)
+    model, info = load_model(tmp_path / "snapshots" / "ema-0000003.pt")
+    assert info.method.name == method and model.in_channels == 4 + m.feature_channels
+    assert json.loads((tmp_path / "config.json").read_text())["model_kwargs"]["input_size"] == 8  # from the cache
+    assert (tmp_path / "checkpoints" / "step-0000003" / "ema.pt").exists()
+    if method == "redi":
+        assert load_file(tmp_path / "pca.safetensors")["components"].shape == (8, 32)
+    if method == "reglue":
+        assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+        assert (tmp_path / "samples" / "grid-0000003.png").exists()
+        with pytest.raises(ValueError, match="different config"):
+            train(config(caches["full"], tmp_path, method="sit", max_steps=6))
+
+
+def test_overfitting_one_batch_lowers_the_loss(caches, tmp_path):
+    # the global batch is the whole cache: every step sees the same 32 samples
+    train(config(caches["full"], tmp_path, global_batch=N, lr=1e-3, max_steps=40, log_every=10, ckpt_every=40))
+    first, *_, last = log(tmp_path)
+    assert last["loss"] < 0.9 * first["loss"]
+
+
+def test_a_method_needs_its_inputs_in_the_cache(caches, tmp_path):
+    with pytest.raises(ValueError, match="compressed.*train-compressor"):
+        train(config(caches["bare"], tmp_path, method="reglue"), dry_run=True)
+    resolved = train(config(caches["bare"], tmp_path, method="reg"), dry_run=True)
+    assert resolved["model_kwargs"]["in_channels"] == 4 and resolved["model_kwargs"]["cls_dim"] == 32
+    assert not (tmp_path / "config.json").exists()
+    result = CliRunner().invoke(app, cli_train(caches["bare"], tmp_path, "--method", "reglue", "--dry-run")[3:])
+    assert result.exit_code == 1 and "train-compressor" in result.output
+
+
+# ---- resume, processes, faults -----------------------------------------------------------------
+
+def test_resume_after_sigkill_is_exact(caches, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    ref = subprocess.Popen(cli_train(caches["full"], straight, "--max-steps", "6"), env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli_train(caches["full"], killed, "--max-steps", "6"), env={**ENV, PAUSE_ENV: "120"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-0000003").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "step-0000006").exists()
+    subprocess.run(cli_train(caches["full"], killed, "--max-steps", "6"), env=ENV, check=True, capture_output=True)
+    assert ref.wait() == 0
+    a, b = (load_file(run / "checkpoints" / "step-0000006" / "model.safetensors") for run in (straight, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema_a, ema_b = (torch.load(run / "checkpoints" / "step-0000006" / "ema.pt")["ema"] for run in (straight, killed))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert losses(straight) == losses(killed) and len(losses(killed)) == 6
+
+
+def test_two_processes_equal_one(caches, tmp_path):
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29731", *cli_train(caches["full"], tmp_path / "two",
+           "--max-steps", "3")[1:]]
+    subprocess.run(cmd, env=ENV, check=True, capture_output=True)
+    # one process, the same global batch in two micro-batches of the per-process size: the same draws
+    train(config(caches["full"], tmp_path / "one", micro_batch=BATCH // 2))
+    one = load_file(tmp_path / "one" / "checkpoints" / "step-0000003" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "checkpoints" / "step-0000003" / "model.safetensors")
+    assert one.keys() == {k.removeprefix("module.") for k in two}
+    for k, v in two.items():
+        torch.testing.assert_close(v, one[k.removeprefix("module.")], rtol=1e-5, atol=1e-6)
+    for x, y in zip(losses(tmp_path / "one"), losses(tmp_path / "two"), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(caches, tmp_path):
+    cache = str(tmp_path / "nan.zarr")
+    shutil.copytree(caches["full"], cache)
+    order, _ = epoch_order(Cache.open(cache).valid_indices(), CHUNK, 4096 // CHUNK, seed=0, epoch=0)
+    zarr.open_group(cache, mode="r+")["vae_moments"][int(order[2 * BATCH])] = np.nan  # first sample of step 3
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 3.*step-0000002"):
+        train(config(cache, tmp_path / "run", max_steps=6, ckpt_every=2))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]
+    assert [line["step"] for line in log(tmp_path / "run")] == [1, 2]

@@ -1,0 +1,451 @@
+"""The Accelerate training loop: `train(TrainConfig)` trains one of the five methods from a cache.
+
+Resume = run the same command again: the latest complete checkpoint in RUN/checkpoints/ restores
+the model, EMA, optimizer, GradScaler, every RNG, the step and the loader position. Run folder:
+
+  RUN/config.json          resolved config, versions, cache summary (written at start)
+  RUN/log.jsonl            one line per report (rewound to the checkpoint on resume)
+  RUN/checkpoints/step-N/  full training state (accelerate save_state) + ema.pt; the last k kept
+  RUN/snapshots/ema-N.pt   small EMA-only files for sampling (trainer.checkpoints format)
+  RUN/pca.safetensors      ReDi's PCA, fitted once (method redi)
+  RUN/tensorboard/         TensorBoard events
+
+Randomness: before each micro-batch the global RNGs are seeded from (seed, step, global micro-batch
+index), so the posterior sample, t, the noise and the label dropout of every sample depend only on
+the global and micro batch sizes, not on how many processes share the work, and resuming is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from reglue.pipeline.compressor import safe_load
+from reglue.pipeline.store import Cache
+from reglue.trainer.checkpoints import save_snapshot, snapshot_payload
+from reglue.trainer.data import CacheLoader, prepare_batch, required_arrays
+from reglue.trainer.ema import EMA
+from reglue.trainer.models import SiT, count_parameters, preset_kwargs
+from reglue.trainer.objective import XL_LAM_SCHEDULE, Method, get_method, loss_terms, sit_io
+from reglue.trainer.pca import PCA, fit_pca
+
+TERMS = ("loss", "latent", "feature", "cls", "proj")
+# Fault injection for the resume test: seconds to sleep after each checkpoint (SIGKILL lands there).
+PAUSE_ENV = "REGLUE_PAUSE_AFTER_CHECKPOINT"
+
+
+@dataclass
+class TrainConfig:
+    """Everything `reglue train` needs; defaults are the reference's (reference-implementation.md §6)."""
+
+    cache: str
+    """URL or path of the feature cache (`reglue extract`)."""
+    out: str
+    """Run folder; rerunning with the same folder resumes from its latest checkpoint."""
+    method: str = "reglue"
+    """sit | repa | reg | redi | reglue (trainer.objective.METHODS)."""
+    model: str = "SiT-B/2"
+    """SiT preset (trainer.models.SIT_PRESETS); widths from the preset, input dims from the cache."""
+    max_steps: int = 400_000
+    """Optimizer steps to train for (the paper's SiT-B/2 results are at 400K; the reference default is 1M)."""
+    global_batch: int = 256
+    """Samples per optimizer step over all processes (train.sh:16); the same whatever the process count."""
+    micro_batch: int | None = None
+    """Samples per forward pass on one process; None = global_batch / processes (no accumulation).
+    The result depends on (global_batch, micro_batch), not on the number of processes."""
+    lr: float = 1e-4
+    """AdamW learning rate, constant, no warmup (train.py:209-215)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (0: the reference's AdamW is Adam)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Max global grad norm (accelerator.clip_grad_norm_, unscaled first; train.py:363-365)."""
+    ema_decay: float = 0.9999
+    """EMA decay, applied after every optimizer step from step 1, starting from a copy."""
+    xl_lam_schedule: bool = False
+    """Apply the reference's hidden SiT-XL feature-loss schedule (lambda x0.5 from 250K, x0.25 from
+    500K; train.py:349-354), which it keys on "XL" in the model name. Off: lambda stays 1."""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Autocast precision: bf16 (default), fp16 with a GradScaler (the reference's), or fp32."""
+    tf32: bool = True
+    """Allow TF32 matmuls and convolutions on CUDA (reference --allow-tf32)."""
+    compile: bool = False
+    """torch.compile the SiT (inductor)."""
+    seed: int = 0
+    """Seed of the model init, the data order and every per-step draw."""
+    log_every: int = 100
+    """Steps between reports (console line, log.jsonl, trackers); the only host syncs of the loop."""
+    ckpt_every: int = 10_000
+    """Steps between full checkpoints (train.py --checkpointing-steps 10000)."""
+    keep_last: int = 2
+    """Full checkpoints kept (older ones are deleted after a new one is complete)."""
+    snapshot_every: int = 50_000
+    """Steps between EMA-only snapshots in RUN/snapshots (all kept)."""
+    sample_every: int = 50_000
+    """Steps between sample grids RUN/samples/grid-N.png from the EMA (16 images, fixed noise and
+    classes, the paper's SDE sampler, decoded with the ft-EMA VAE); 0 = never (then no VAE is loaded)."""
+    sample_steps: int = 250
+    """SDE steps of the grid sampler (eval.sh: 250)."""
+    window: int = 4096
+    """Loader shuffle window in samples, rounded to whole cache chunks (see trainer.data)."""
+    prefetch: int = 4
+    """Batches the loader thread reads ahead."""
+    pca_samples: int = 4096
+    """Images whose patch tokens fit ReDi's PCA (method redi only)."""
+    trackers: tuple[str, ...] = ("tensorboard",)
+    """Accelerate trackers: any of tensorboard, wandb (needs `pip install wandb`); () for none."""
+
+    def __post_init__(self):
+        self.betas, self.trackers = tuple(self.betas), tuple(self.trackers)
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be bf16, fp16 or fp32; got {self.precision!r}")
+        for name in ("max_steps", "global_batch", "log_every", "ckpt_every", "keep_last", "snapshot_every",
+                     "sample_steps", "window", "prefetch", "pca_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.sample_every < 0:
+            raise ValueError(f"sample_every must be >= 0 (0 = no grids); got {self.sample_every}")
+        if self.micro_batch is not None and (self.micro_batch <= 0 or self.global_batch % self.micro_batch):
+            raise ValueError(f"micro_batch ({self.micro_batch}) must divide global_batch ({self.global_batch})")
+        unknown = set(self.trackers) - {"tensorboard", "wandb"}
+        if unknown:
+            raise ValueError(f"unknown trackers {sorted(unknown)}; choose from tensorboard, wandb")
+
+
+# Fields that may change between a run and its resumption (they do not change the trained weights).
+RUN_CONTROL = ("max_steps", "log_every", "ckpt_every", "keep_last", "snapshot_every", "sample_every", "sample_steps",
+               "prefetch", "trackers", "compile")
+
+
+# ---- the plan: everything derived from the config, the cache and the process count -------------
+
+@dataclass(frozen=True)
+class Plan:
+    """What the config means for this cache and process count."""
+
+    method: Method
+    model_kwargs: dict = field(repr=False)
+    arrays: tuple[str, ...]
+    meta_summary: dict = field(repr=False)
+    world: int
+    per_rank: int
+    micro: int
+    accum: int
+
+
+def make_plan(cfg: TrainConfig, cache: Cache, world: int) -> Plan:
+    """Derive the method, the SiT kwargs and the batch split; refuse what the cache cannot feed."""
+    method = get_method(cfg.method, **({"lam_schedule": XL_LAM_SCHEDULE} if cfg.xl_lam_schedule else {}))
+    m = cache.meta
+    arrays = required_arrays(method, cache)
+    io = sit_io(method, latent_channels=m.latent_channels, latent_size=m.latent_size, dino_dim=m.dino_dim,
+                compressed_channels=m.compressed_channels)
+    model_kwargs = {**preset_kwargs(cfg.model), **io, "num_classes": m.num_classes}
+    if cfg.global_batch % world:
+        raise ValueError(f"global batch {cfg.global_batch} is not divisible by the {world} processes")
+    per_rank = cfg.global_batch // world
+    micro = cfg.micro_batch or per_rank
+    if per_rank % micro:
+        raise ValueError(f"micro_batch {micro} must divide the per-process batch {per_rank} "
+                         f"(global {cfg.global_batch} / {world} processes)")
+    summary = {"url": cache.url, "num_samples": m.num_samples, "valid": int(len(cache.valid_indices())),
+               "resolution": m.resolution, "latent": [m.latent_channels, m.latent_size, m.latent_size],
+               "vae_scaling_factor": m.vae_scaling_factor, "dino_dim": m.dino_dim, "num_patches": m.num_patches,
+               "compressed_channels": m.compressed_channels, "compressor": m.compressor,
+               "num_classes": m.num_classes, "encoders": m.encoders, "chunk_size": m.chunk_size}
+    return Plan(method, model_kwargs, arrays, summary, world, per_rank, micro, per_rank // micro)
+
+
+def resolved_config(cfg: TrainConfig, plan: Plan, parameters: int) -> dict:
+    """config.json: the config, what it resolved to, the versions, the cache."""
+    import accelerate
+    import zarr
+
+    from reglue import __version__
+    return {"config": dataclasses.asdict(cfg), "method": dataclasses.asdict(plan.method),
+            "model_kwargs": plan.model_kwargs, "parameters": parameters,
+            "processes": plan.world, "per_process_batch": plan.per_rank, "micro_batch": plan.micro,
+            "accumulation": plan.accum, "arrays": list(plan.arrays), "cache": plan.meta_summary,
+            "versions": {"reglue": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                         "accelerate": accelerate.__version__, "numpy": np.__version__, "zarr": zarr.__version__}}
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+class Progress:
+    """Optimizer steps taken; registered for checkpointing next to the loader."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = sorted((run / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator, run: Path, step: int, ema_payload) -> Path:
+    """accelerate save_state + ema.pt into a tmp folder, renamed when complete; keep the last k."""
+    root = run / "checkpoints"
+    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # model, optimizer, scaler, registered objects; RNG of every rank
+    if accelerator.is_main_process:
+        torch.save(ema_payload(), tmp / "ema.pt")  # trainer.checkpoints.load_model reads this file
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(run: Path, keep_last: int) -> None:
+    """Keep the last k checkpoints; drop tmp folders a killed run left behind."""
+    stale = sorted((run / "checkpoints").glob("step-*"))[:-keep_last] + list((run / "checkpoints").glob(".tmp-*"))
+    for old in stale:
+        shutil.rmtree(old)
+
+
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    """A 63-bit seed for global micro-batch `micro` of optimizer step `step`."""
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
+    """Train (or resume) the run in `cfg.out`; with `dry_run`, print the resolved config and return it."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # 1. Accelerator, precision, run folder.
+    run = Path(cfg.out)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
+        log_with=list(cfg.trackers) or None, project_dir=str(run),
+        dynamo_backend="inductor" if cfg.compile else "no")
+    if cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    say = accelerator.print
+
+    # 2. Cache and plan: every dimension from the cache's meta, the method and the preset.
+    cache = Cache.open(cfg.cache)
+    plan = make_plan(cfg, cache, accelerator.num_processes)
+    if dry_run:
+        resolved = resolved_config(cfg, plan, count_parameters(cfg.model, **plan.model_kwargs))
+        say(json.dumps(resolved, indent=2, default=str))
+        return resolved
+    check_same_run(run, cfg)
+    if accelerator.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+
+    # 3. Model, EMA (a copy), optimizer, loader; PCA for ReDi.
+    set_seed(cfg.seed)  # model init only; every step reseeds (micro_seed)
+    model = SiT(**plan.model_kwargs).train()
+    resolved = resolved_config(cfg, plan, sum(p.numel() for p in model.parameters()))
+    ema = EMA(model, cfg.ema_decay).to(accelerator.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loader = CacheLoader(cache, plan.arrays, cfg.global_batch, seed=cfg.seed, rank=accelerator.process_index,
+                         world=plan.world, window=cfg.window, prefetch=cfg.prefetch,
+                         pin_memory=accelerator.device.type == "cuda")
+    progress = Progress()
+    accelerator.register_for_checkpointing(loader, progress)
+    pca = load_or_fit_pca(run, cache, plan.method, cfg.pca_samples, accelerator)
+    vae = load_grid_vae(cache) if cfg.sample_every and accelerator.is_main_process else None  # fails early
+
+    # 4. Resume from the latest complete checkpoint.
+    ckpt = latest_checkpoint(run)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        ema.load_state_dict(safe_load(ckpt / "ema.pt")["ema"])
+        say(f"resumed from {ckpt} at step {progress.step}")
+    start = progress.step
+    if accelerator.is_main_process:
+        (run / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+        rewind_log(run / "log.jsonl", start)
+    accelerator.init_trackers("tensorboard")
+
+    snapshot_meta = {**plan.meta_summary, "latent_channels": cache.meta.latent_channels}
+    ema_payload = lambda: snapshot_payload(ema.model, model_kwargs=plan.model_kwargs, method=plan.method,
+                                           step=progress.step, meta=snapshot_meta)
+    bare = accelerator.unwrap_model(model, keep_torch_compile=False)  # the EMA follows its parameters
+
+    # 5. The loop: one iteration per optimizer step; every phase but the step is interval-gated.
+    sums = torch.zeros(len(TERMS) + 1, device=accelerator.device)  # loss terms + grad norm, on device
+    bad_step = torch.full((), -1, device=accelerator.device)  # first step with a non-finite loss
+    timer = (time.perf_counter(), start)
+    while True:
+        step = progress.step
+        done = step >= cfg.max_steps
+        due = lambda every: every > 0 and step != start and (step % every == 0 or done)
+        # 5.1 Health: nothing is reported or saved past a non-finite loss (a host sync, when due).
+        if any(due(k) for k in (cfg.log_every, cfg.sample_every, cfg.snapshot_every, cfg.ckpt_every)):
+            raise_if_non_finite(accelerator, bad_step, latest_checkpoint(run))
+        # 5.2 Report: the loop's other host sync.
+        if due(cfg.log_every):
+            timer = report(accelerator, run, cfg, sums, step, timer, loader.epoch)
+            sums.zero_()
+        # 5.3 Sample grid and EMA snapshot, for watching and for sampling.
+        if vae is not None and due(cfg.sample_every):
+            save_sample_grid(run / "samples" / f"grid-{step:07d}.png", ema.model, vae, cache.meta, cfg)
+        if due(cfg.snapshot_every) and accelerator.is_main_process:
+            save_snapshot(run / "snapshots" / f"ema-{step:07d}.pt", ema.model, model_kwargs=plan.model_kwargs,
+                          method=plan.method, step=step, meta=snapshot_meta)
+        # 5.4 Full checkpoint (atomic), then prune.
+        if due(cfg.ckpt_every):
+            path = save_checkpoint(accelerator, run, step, ema_payload)
+            if accelerator.is_main_process:
+                prune_checkpoints(run, cfg.keep_last)
+            say(f"checkpoint {path}")
+            time.sleep(float(os.environ.get(PAUSE_ENV, 0)))
+        # 5.5 Done?
+        if done:
+            break
+        # 5.6 One optimizer step, then the EMA.
+        terms, grad_norm = train_step(accelerator, model, optimizer, loader, plan, cache.meta, pca, cfg, step)
+        ema.update(bare)
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(terms[0]), step + 1, bad_step)
+        sums += torch.cat([terms, grad_norm.reshape(1)])
+        progress.step = step + 1
+    loader.close()
+    accelerator.end_training()
+    return resolved
+
+
+def train_step(accelerator, model, optimizer, loader, plan: Plan, meta, pca, cfg: TrainConfig,
+               step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this process's share of a global batch, in `plan.accum` micro-batches.
+
+    Returns the loss terms (TERMS order, averaged over micro-batches) and the clipped grad norm."""
+    raw = next(loader)
+    terms = torch.zeros(len(TERMS), device=accelerator.device)
+    for a in range(plan.accum):
+        torch.manual_seed(micro_seed(cfg.seed, step, accelerator.process_index * plan.accum + a))
+        part = {k: v[a * plan.micro:(a + 1) * plan.micro] for k, v in raw.items()}
+        batch = prepare_batch(part, plan.method, meta, accelerator.device, pca)
+        # Gradients are all-reduced once, on the last micro-batch.
+        with accelerator.no_sync(model) if a < plan.accum - 1 else nullcontext():
+            out = loss_terms(model, batch, plan.method, step)
+            accelerator.backward(out["loss"] / plan.accum)
+        terms += torch.stack([out[k].detach() for k in TERMS]) / plan.accum
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return terms, grad_norm
+
+
+# ---- helpers of the loop ------------------------------------------------------------------------
+
+def check_same_run(run: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a run folder that holds a run of another config (RUN_CONTROL fields may change)."""
+    path = run / "config.json"
+    if not path.exists() or latest_checkpoint(run) is None:
+        return
+    stored = json.loads(path.read_text())["config"]
+    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    diff = [f"{k}: {stored.get(k)!r} there, {mine[k]!r} now" for k in mine
+            if k not in RUN_CONTROL and stored.get(k) != mine[k]]
+    if diff:
+        raise ValueError(f"{run} holds a run with a different config ({'; '.join(diff)}); rerun with the same "
+                         "settings or choose another --out")
+
+
+def load_or_fit_pca(run: Path, cache: Cache, method: Method, samples: int, accelerator) -> PCA | None:
+    """ReDi's PCA: fitted once by process 0 into RUN/pca.safetensors, then read by every process."""
+    if method.features != "pca":
+        return None
+    path = run / "pca.safetensors"
+    if accelerator.is_main_process and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fit_pca(cache, method.feature_channels, samples).save(path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    accelerator.wait_for_everyone()
+    return PCA.load(path)
+
+
+def load_grid_vae(cache: Cache):
+    """The decoding VAE of `reglue sample` (ft-EMA), in the cache's weights preset."""
+    from reglue.trainer.generate import DECODE_VAE
+    from reglue.weights import load_vae
+    return load_vae(DECODE_VAE, preset=cache.meta.encoders["preset"])
+
+
+def save_sample_grid(path: Path, model: SiT, vae, meta, cfg: TrainConfig, count: int = 16) -> None:
+    """16 EMA samples at fixed noise and classes (sample i depends on (seed, i) only, as `reglue sample`)."""
+    from reglue.trainer.generate import generate_images, save_grid
+    from reglue.trainer.sampling import SamplerConfig
+    device = next(model.parameters()).device
+    images, _ = generate_images(model, vae.to(device), list(range(count)), seed=cfg.seed,
+                                latent_channels=meta.latent_channels, scaling_factor=meta.vae_scaling_factor,
+                                sampler=SamplerConfig(num_steps=cfg.sample_steps), labels="balanced", device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(images.numpy(), path)
+
+
+def raise_if_non_finite(accelerator, bad_step: torch.Tensor, last_good: Path | None) -> None:
+    bad = int(accelerator.reduce(bad_step.clone(), "max"))
+    if bad >= 0:
+        raise FloatingPointError(
+            f"non-finite loss at step {bad}; training stopped before saving anything after it. The last good "
+            f"checkpoint is {last_good or '(none yet)'}; rerunning resumes from it (lower the lr, use bf16/fp32, "
+            "or check the cache for NaN values with `reglue cache verify`)")
+
+
+def report(accelerator, run: Path, cfg: TrainConfig, sums: torch.Tensor, step: int, timer: tuple[float, int],
+           epoch: float) -> tuple[float, int]:
+    """Reduce the accumulated terms (the loop's host sync), print a line, append log.jsonl, log trackers."""
+    t0, step0 = timer
+    now = time.perf_counter()
+    means = (accelerator.reduce(sums.clone(), "mean") / max(step - step0, 1)).tolist()
+    values = dict(zip(TERMS + ("grad_norm",), means))
+    img_s = (step - step0) * cfg.global_batch / max(now - t0, 1e-9)
+    eta = (cfg.max_steps - step) * cfg.global_batch / max(img_s, 1e-9)
+    accelerator.print(f"step {step:>7}/{cfg.max_steps} ep {epoch:6.2f} "
+                      + " ".join(f"{k} {v:.4f}" for k, v in values.items())
+                      + f" | {img_s:8.1f} img/s ETA {_hms(eta)}")
+    accelerator.log({f"train/{k}": v for k, v in values.items()} | {"train/img_per_s": img_s}, step=step)
+    if accelerator.is_main_process:
+        with open(run / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, **values, "img_per_s": img_s}) + "\n")
+    return now, step
+
+
+def rewind_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step (written after the checkpoint by a run that was killed)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

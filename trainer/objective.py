@@ -1,0 +1,195 @@
+"""The training objective: five methods behind one switch, and the loss terms of one step.
+
+Exactly the reference's loss (loss.py, train.py:348-358; reference-implementation.md §5): the linear
+interpolant x_t = (1 - t) x + t eps (t=0 data, t=1 noise), v-prediction with target eps - x, one
+uniform t per sample shared by the latent, the feature channels and the CLS token, and
+
+    loss = MSE(latent) + lam * MSE(features) + w_proj * REPA + w_cls * MSE(CLS)
+
+where each MSE is a per-sample mean over its own elements, averaged over the batch, and REPA is the
+negative cosine between the projector output and the DINOv2 target, averaged over batch and tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from reglue.trainer.models import SiT
+
+FeatureKind = Literal["none", "compressed", "pca"]
+
+# The reference's hidden rule for SiT-XL (train.py:349-354, not in the paper or README): lam x0.5
+# from step 250K and x0.25 from 500K. Pass it as `lam_schedule` to reproduce the XL run; it is
+# never inferred from the model's name.
+XL_LAM_SCHEDULE: tuple[tuple[int, float], ...] = ((0, 1.0), (250_000, 0.5), (500_000, 0.25))
+
+
+@dataclass(frozen=True)
+class Method:
+    """Which inputs a SiT sees and which loss terms train it."""
+
+    name: str
+    """Preset name, recorded with checkpoints."""
+    features: FeatureKind = "none"
+    """Semantic channels concatenated to the VAE latent: 'compressed' (REGLUE: compressor output of
+    the normed multi-layer patch tokens), 'pca' (ReDi: PCA of the last-layer patch tokens, fitted
+    on the cache) or 'none'. Both kinds are upsampled bilinearly from the DINO grid to the latent's."""
+    feature_channels: int = 0
+    """Channels of those features: compressor output channels (REGLUE 16; paper T6 ablates 4/8/16/20)
+    or PCA components (ReDi 8). 0 iff features == 'none'."""
+    layers: tuple[int, ...] = (8, 9, 10, 11)
+    """0-based DINOv2 blocks whose normed patch tokens feed the compressor (paper T5; 'last' = (11,)).
+    Must be cached; only used when features == 'compressed'."""
+    compressor_hidden: int = 256
+    """Hidden width of the compressor (paper: 128 / 256 / 512 give FID 14.2 / 13.3 / 13.3)."""
+    cls: bool = False
+    """Denoise the DINOv2 [CLS] token as an extra SiT token (REG)."""
+    repa: bool = False
+    """Align the projector output after block `encoder_depth` with DINOv2 tokens (REPA)."""
+    lam_schedule: tuple[tuple[int, float], ...] = ((0, 1.0),)
+    """Feature-loss weight lambda as (first step, value) pairs, steps increasing from 0."""
+    w_cls: float = 0.03
+    """Weight of the CLS MSE (train.py `--cls 0.03`)."""
+    w_proj: float = 0.5
+    """Weight of the REPA term (train.py `--proj-coeff 0.5`)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "lam_schedule", tuple((int(s), float(v)) for s, v in self.lam_schedule))
+        if self.features not in ("none", "compressed", "pca"):
+            raise ValueError(f"features must be 'none', 'compressed' or 'pca'; got {self.features!r}")
+        if (self.features == "none") != (self.feature_channels == 0) or self.feature_channels < 0:
+            raise ValueError(f"feature_channels must be > 0 with features={self.features!r} and 0 without; "
+                             f"got {self.feature_channels}")
+        steps = [s for s, _ in self.lam_schedule]
+        if not steps or steps[0] != 0 or steps != sorted(set(steps)):
+            raise ValueError(f"lam_schedule must start at step 0 with increasing steps; got {self.lam_schedule}")
+        if not self.layers:
+            raise ValueError("layers must name at least one DINOv2 block")
+
+    def lam(self, step: int) -> float:
+        """lambda in effect at optimizer step `step` (0-based count of steps already taken)."""
+        return [v for s, v in self.lam_schedule if s <= step][-1]
+
+    def compressor_channel_list(self, dino_dim: int) -> list[int]:
+        """`build_channel_list` of the compressor this method trains and uses (e.g. [3072, 256, 16])."""
+        return [len(self.layers) * dino_dim, self.compressor_hidden, self.feature_channels]
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("sit"),  # latents only (SiT)
+    Method("repa", repa=True),  # + alignment of block encoder_depth with DINOv2 (REPA)
+    Method("reg", cls=True, repa=True),  # + the noisy [CLS] token entangled (REG)
+    Method("redi", features="pca", feature_channels=8),  # + PCA-8 patch features (ReDi)
+    Method("reglue", features="compressed", feature_channels=16, cls=True, repa=True),  # REGLUE
+)}
+
+
+def get_method(name: str, **overrides) -> Method:
+    """A preset, with ablation knobs overridden (e.g. `get_method('reglue', repa=False)`)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    return replace(METHODS[name], **overrides)
+
+
+def sit_io(method: Method, *, latent_channels: int, latent_size: int, dino_dim: int,
+           compressed_channels: int = 0) -> dict:
+    """The SiT kwargs a method implies for a cache: input size and channels, CLS width, REPA dims.
+
+    `compressed_channels` is the cache's (0 when it holds none); it must match the method's."""
+    if method.features == "compressed" and compressed_channels != method.feature_channels:
+        raise ValueError(f"method {method.name!r} needs {method.feature_channels} compressed channels but the "
+                         f"cache has {compressed_channels}; fill the cache's compressed features with a "
+                         "compressor of that width, or set feature_channels to match")
+    return dict(input_size=latent_size, in_channels=latent_channels + method.feature_channels,
+                cls_dim=dino_dim if method.cls else None, z_dims=(dino_dim,) if method.repa else ())
+
+
+@dataclass(kw_only=True)
+class Batch:
+    """One training batch, already on the device and in the model's units."""
+
+    latent: torch.Tensor
+    """(B, zc, h, h) VAE posterior sample times the scaling factor (0.18215)."""
+    labels: torch.Tensor
+    """(B,) int64 class ids; the null id num_classes means unconditional."""
+    features: torch.Tensor | None = None
+    """(B, c, h, h) semantic channels already upsampled to the latent grid, or None."""
+    cls: torch.Tensor | None = None
+    """(B, D) DINOv2 last-layer [CLS] after the final norm, or None."""
+    repa_target: torch.Tensor | None = None
+    """(B, S, D) REPA target: [CLS; last-layer patches] (S = 1 + P) with a CLS token, else patches."""
+
+
+@dataclass
+class Draws:
+    """The step's random draws, in the reference's order (loss.py:57-73)."""
+
+    t: torch.Tensor
+    """(B, 1, 1, 1) uniform time, drawn by the CPU generator."""
+    noise: torch.Tensor
+    """(B, zc + c, h, h) N(0, 1) for the latent and feature channels."""
+    noise_cls: torch.Tensor | None = field(default=None)
+    """(B, D) N(0, 1) for the CLS token, or None."""
+
+
+def draw(batch: Batch) -> Draws:
+    x = _joint(batch)
+    t = torch.rand((x.shape[0], 1, 1, 1)).to(device=x.device, dtype=x.dtype)  # CPU draw, as loss.py:59
+    noise = torch.randn_like(x)
+    return Draws(t, noise, torch.randn_like(batch.cls) if batch.cls is not None else None)
+
+
+def _joint(batch: Batch) -> torch.Tensor:
+    if batch.features is None:
+        return batch.latent
+    return torch.cat([batch.latent, batch.features], dim=1)  # (B, zc + c, h, h), train.py:340
+
+
+def per_sample_losses(model: SiT, batch: Batch, draws: Draws) -> dict[str, torch.Tensor | None]:
+    """Unweighted terms: 'latent', 'feature', 'cls' per sample (B,), 'proj' a scalar; None if absent."""
+    x = _joint(batch)  # (B, C, h, h)
+    t = draws.t  # (B, 1, 1, 1)
+    x_t = (1 - t) * x + t * draws.noise  # (B, C, h, h)
+    v = draws.noise - x  # d/dt x_t: the v-target
+    cls_t = None
+    if batch.cls is not None:
+        cls_t = (1 - t.flatten(1)) * batch.cls + t.flatten(1) * draws.noise_cls  # (B, D)
+    v_hat, zs, cls_hat = model(x_t, t.flatten(), batch.labels, cls_token=cls_t)
+    err = (v_hat - v) ** 2  # (B, C, h, h)
+    zc = batch.latent.shape[1]
+    out: dict[str, torch.Tensor | None] = {"latent": err[:, :zc].mean(dim=(1, 2, 3)), "feature": None,
+                                           "cls": None, "proj": None}
+    if batch.features is not None:
+        out["feature"] = err[:, zc:].mean(dim=(1, 2, 3))
+    if batch.cls is not None:
+        out["cls"] = ((cls_hat - (draws.noise_cls - batch.cls)) ** 2).mean(dim=1)
+    if batch.repa_target is not None:
+        if zs[0].shape != batch.repa_target.shape:
+            raise ValueError(f"REPA target {tuple(batch.repa_target.shape)} does not match the projector "
+                             f"output {tuple(zs[0].shape)} (with a CLS token the target is [CLS; patches])")
+        target = F.normalize(batch.repa_target, dim=-1)  # (B, S, D), per token as loss.py:95-97
+        cos = [(F.normalize(z, dim=-1) * target).sum(dim=-1).mean() for z in zs]  # mean over batch, tokens
+        out["proj"] = -torch.stack(cos).mean()
+    return out
+
+
+def loss_terms(model: SiT, batch: Batch, method: Method, step: int,
+               draws: Draws | None = None) -> dict[str, torch.Tensor]:
+    """Scalar terms `loss, latent, feature, cls, proj`, each already weighted, so that loss is their
+    sum in train.py's order; absent terms are zeros. Draws t and noise unless `draws` is given."""
+    for name, on, value in (("features", method.features != "none", batch.features),
+                            ("cls", method.cls, batch.cls), ("repa_target", method.repa, batch.repa_target)):
+        if on != (value is not None):
+            raise ValueError(f"method {method.name!r} {'needs' if on else 'does not use'} batch.{name}")
+    per = per_sample_losses(model, batch, draws if draws is not None else draw(batch))
+    zero = batch.latent.new_zeros(())
+    latent = per["latent"].mean()
+    feature = method.lam(step) * per["feature"].mean() if per["feature"] is not None else zero
+    proj = method.w_proj * per["proj"] if per["proj"] is not None else zero
+    cls = method.w_cls * per["cls"].mean() if per["cls"] is not None else zero
+    return {"loss": latent + feature + proj + cls, "latent": latent, "feature": feature, "cls": cls, "proj": proj}

@@ -1,0 +1,187 @@
+"""Samplers for the linear-path velocity model: the reference Euler-Maruyama SDE and an ODE.
+
+The SDE is REGLUE `samplers.py:46-180` (reference-implementation.md §7), step for step:
+- time grid `linspace(1.0, 0.04, num_steps)` in float64 plus a final 0: num_steps-1 stochastic
+  steps, then one deterministic Euler step from 0.04 to 0 that returns the mean (NFE = num_steps);
+- state kept in float64, the model run on a float32 copy (fp32 weights; TF32 is the caller's choice);
+- diffusion g^2(t) = 2t, score from velocity through the linear path, drift d = v - g^2/2 * s;
+- CFG on the drift within the guidance interval [low, high], the cond/uncond halves batched in one
+  forward (y_null = num_classes; both halves see the same noisy latent, features and CLS);
+- the CLS state is denoised alongside with its own scale (`cls_cfg_scale`, cond-only when 0) and,
+  unlike the reference, returned.
+The ODE (which the reference lacks: its `--mode ode` exits silently) integrates dx/dt = v on
+`linspace(1, 0, num_steps + 1)` with Euler or Heun (no Heun correction into t=0), REPA-style.
+
+Every Gaussian comes from `noise(like)`, a `torch.randn_like` stand-in: the golden test replays the
+reference's draws through it, and `generate.py` passes per-sample generators.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Noise = Callable[[torch.Tensor], torch.Tensor]
+"""Returns a standard-normal tensor shaped, typed and placed like its argument (as torch.randn_like)."""
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How to integrate from noise to data. Defaults are the paper's evaluation (eval.sh)."""
+
+    mode: str = "sde"
+    """"sde" (the reference Euler-Maruyama) or "ode" (deterministic)."""
+    num_steps: int = 250
+    """Grid points: SDE NFE = num_steps; ODE steps (Heun NFE = 2*num_steps - 1)."""
+    cfg_scale: float = 2.3
+    """Classifier-free guidance scale on the latent and feature drift; <= 1 turns guidance off."""
+    cls_cfg_scale: float = 2.3
+    """Guidance scale of the CLS drift when guidance is on; 0 keeps the conditional CLS drift."""
+    guidance_low: float = 0.0
+    """Guidance applies for guidance_low <= t <= guidance_high (t = 1 is noise)."""
+    guidance_high: float = 0.9
+    """See guidance_low. eval.sh uses 0.9 (REG used 0.85)."""
+    vae_cfg: bool = False
+    """The reference's --vae_cfg: guide only the latent channels, with its non-standard
+    d_c + s*(d_c - d_u), in the SDE loop steps (the final step stays standard, on all channels)."""
+    ode_solver: str = "heun"
+    """"euler" or "heun" (ODE mode only)."""
+    precision: str = "fp32"
+    """Model precision: "fp32" (reference parity) or "bf16" (autocast; state and CFG stay float64)."""
+
+    def __post_init__(self):
+        if self.mode not in ("sde", "ode") or self.ode_solver not in ("euler", "heun"):
+            raise ValueError(f"mode must be sde|ode and ode_solver euler|heun; got {self.mode!r}, {self.ode_solver!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16; got {self.precision!r}")
+        if self.num_steps < 2:
+            raise ValueError(f"num_steps must be >= 2; got {self.num_steps}")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale > 1.0
+
+    def guided_at(self, t: float) -> bool:
+        return self.guided and self.guidance_low <= t <= self.guidance_high
+
+
+def sde_time_grid(num_steps: int) -> torch.Tensor:
+    """samplers.py:66-67: linspace(1.0, 0.04, num_steps) in float64, then 0."""
+    grid = torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64)
+    return torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
+
+
+def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """samplers.py:15-39 for the linear path (alpha = 1 - t, sigma = t), written as the reference
+    writes it so that float64 rounding matches."""
+    t = t.view(-1, *[1] * (x.dim() - 1))
+    alpha, d_alpha = 1 - t, -torch.ones_like(x)
+    sigma, d_sigma = t, torch.ones_like(x)
+    ratio = alpha / d_alpha
+    var = sigma ** 2 - ratio * d_sigma * sigma
+    return (ratio * v - x) / var
+
+
+def _velocity(model, x, cls, y, t: torch.Tensor, guided: bool, precision: str):
+    """One model evaluation at time t for the whole batch, [cond; uncond] stacked when guided.
+
+    Returns the velocities and the float64 inputs they belong to (the score needs them)."""
+    if guided:
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.num_classes)])
+        cls = None if cls is None else torch.cat([cls, cls])
+    time = torch.ones(len(x), dtype=torch.float64, device=x.device) * t
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=precision == "bf16"):
+        v, _, cls_v = model(x.float(), time.float(), y, cls_token=None if cls is None else cls.float())
+    return v.double(), None if cls_v is None else cls_v.double(), x, cls, time
+
+
+def _guide(d: torch.Tensor, scale: float, latent_only: int | None = None) -> torch.Tensor:
+    """Standard CFG d_u + s*(d_c - d_u); with `latent_only=zc`, the reference's --vae_cfg rule
+    (samplers.py, REGLUE addition): d_c + s*(d_c - d_u) on channels < zc, d_c elsewhere."""
+    cond, uncond = d.chunk(2)
+    if latent_only is None:
+        return uncond + scale * (cond - uncond)
+    out = cond.clone()
+    out[:, :latent_only] = cond[:, :latent_only] + scale * (cond[:, :latent_only] - uncond[:, :latent_only])
+    return out
+
+
+def _drift(model, x, cls, y, t: torch.Tensor, cfg: SamplerConfig, latent_channels: int, final: bool):
+    """Guided drift of the latent and the CLS state: SDE drift v - t*s, or the velocity for the ODE."""
+    guided = cfg.guided_at(t.item())
+    v, cls_v, x_in, cls_in, time = _velocity(model, x, cls, y, t, guided, cfg.precision)
+    if cfg.mode == "sde":
+        diffusion = 2 * t  # g^2(t) = 2t (samplers.py:42-43)
+        v = v - 0.5 * diffusion * score_from_velocity(v, x_in, time)
+        if cls_v is not None:
+            cls_v = cls_v - 0.5 * diffusion * score_from_velocity(cls_v, cls_in, time)
+    if not guided:
+        return v, cls_v
+    latent_only = latent_channels if cfg.vae_cfg and cfg.mode == "sde" and not final else None
+    v = _guide(v, cfg.cfg_scale, latent_only)
+    if cls_v is not None:
+        cls_v = _guide(cls_v, cfg.cls_cfg_scale) if cfg.cls_cfg_scale > 0 else cls_v.chunk(2)[0]
+    return v, cls_v
+
+
+@torch.no_grad()
+def euler_maruyama(model, latents: torch.Tensor, y: torch.Tensor, cls_latents: torch.Tensor | None = None,
+                   cfg: SamplerConfig = SamplerConfig(), *, latent_channels: int = 4,
+                   noise: Noise = torch.randn_like) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference SDE sampler. latents [B,C,h,h] (C = latent + feature channels), y [B],
+    cls_latents [B,D] or None for a model without CLS. Returns float64 (x_0 [B,C,h,h], cls_0 or None)."""
+    grid = sde_time_grid(cfg.num_steps).to(latents.device)
+    x = latents.to(torch.float64)
+    cls = None if cls_latents is None else cls_latents.to(torch.float64)
+    for t, t_next in zip(grid[:-2], grid[1:-1]):
+        dt = t_next - t
+        eps = noise(x)  # draw order as the reference: latent, then CLS (golden sde_sampler)
+        cls_eps = None if cls is None else noise(cls)
+        d, cls_d = _drift(model, x, cls, y, t, cfg, latent_channels, final=False)
+        x = x + d * dt + torch.sqrt(2 * t) * (eps * torch.sqrt(torch.abs(dt)))
+        if cls is not None:
+            cls = cls + cls_d * dt + torch.sqrt(2 * t) * (cls_eps * torch.sqrt(torch.abs(dt)))
+    t, dt = grid[-2], grid[-1] - grid[-2]  # the final deterministic step returns the mean
+    d, cls_d = _drift(model, x, cls, y, t, cfg, latent_channels, final=True)
+    return x + dt * d, None if cls is None else cls + dt * cls_d
+
+
+@torch.no_grad()
+def ode(model, latents: torch.Tensor, y: torch.Tensor, cls_latents: torch.Tensor | None = None,
+        cfg: SamplerConfig = SamplerConfig(mode="ode"), *,
+        latent_channels: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Deterministic probability-flow sampler (Euler or Heun) with the same guidance options."""
+    grid = torch.linspace(1.0, 0.0, cfg.num_steps + 1, dtype=torch.float64, device=latents.device)
+    x = latents.to(torch.float64)
+    cls = None if cls_latents is None else cls_latents.to(torch.float64)
+    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        dt = t_next - t
+        d, cls_d = _drift(model, x, cls, y, t, cfg, latent_channels, final=False)
+        x_next = x + dt * d
+        cls_next = None if cls is None else cls + dt * cls_d
+        if cfg.ode_solver == "heun" and i < cfg.num_steps - 1:  # no correction at t = 0 (REPA euler_sampler)
+            d2, cls_d2 = _drift(model, x_next, cls_next, y, t_next, cfg, latent_channels, final=False)
+            x_next = x + dt * (0.5 * d + 0.5 * d2)
+            cls_next = None if cls is None else cls + dt * (0.5 * cls_d + 0.5 * cls_d2)
+        x, cls = x_next, cls_next
+    return x, cls
+
+
+def sample(model, latents, y, cls_latents=None, cfg: SamplerConfig = SamplerConfig(), *,
+           latent_channels: int = 4, noise: Noise = torch.randn_like):
+    """Dispatch on cfg.mode; returns float64 (x_0, cls_0 or None)."""
+    if cfg.mode == "ode":
+        return ode(model, latents, y, cls_latents, cfg, latent_channels=latent_channels)
+    return euler_maruyama(model, latents, y, cls_latents, cfg, latent_channels=latent_channels, noise=noise)
+
+
+@torch.no_grad()
+def decode(vae, x0: torch.Tensor, latent_channels: int, scaling_factor: float) -> torch.Tensor:
+    """Latent (first `latent_channels` of x0) -> uint8 images [B,H,W,3] as generate.py:157-168:
+    z / 0.18215, VAE decode, (x+1)/2, clamp(255x, 0, 255).to(uint8). The reference truncates (no
+    +0.5, unlike DiT/SiT's rounding, ~half a level darker); kept for comparable FID."""
+    z = x0[:, :latent_channels].float() / scaling_factor
+    images = (vae.decode(z).sample + 1) / 2
+    return torch.clamp(255 * images, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
