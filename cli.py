@@ -205,9 +205,10 @@ def sample_command(
     sampler = SamplerConfig(mode=mode, num_steps=num_steps, cfg_scale=cfg_scale, cls_cfg_scale=cls_cfg_scale,
                             guidance_low=guidance_low, guidance_high=guidance_high, vae_cfg=vae_cfg,
                             ode_solver=ode_solver, precision=precision)
-    path = generate(GenerateConfig(checkpoint=checkpoint, out=out, num=num, batch_size=batch_size, seed=seed,
-                                   labels=labels, sampler=sampler, vae=vae, vae_preset=vae_preset,
-                                   png_dir=png_dir, grid=grid, part_size=part_size, cpu=cpu))
+    with _clear_errors():
+        path = generate(GenerateConfig(checkpoint=checkpoint, out=out, num=num, batch_size=batch_size, seed=seed,
+                                       labels=labels, sampler=sampler, vae=vae, vae_preset=vae_preset,
+                                       png_dir=png_dir, grid=grid, part_size=part_size, cpu=cpu))
     typer.echo(f"samples: {path}")
 
 
@@ -231,8 +232,9 @@ def fid_command(
 
     gen = None if source.endswith(".npz") else GenerateConfig(checkpoint=source, num=num, seed=seed,
                                                               vae_preset=vae_preset, cpu=cpu)
-    result = evaluate_source(FidConfig(samples=source, ref=ref, inception=inception, batch_size=batch_size,
-                                       sfid=sfid, precision_recall=precision_recall, out=out, cpu=cpu), gen)
+    with _clear_errors():
+        result = evaluate_source(FidConfig(samples=source, ref=ref, inception=inception, batch_size=batch_size,
+                                           sfid=sfid, precision_recall=precision_recall, out=out, cpu=cpu), gen)
     if result:
         typer.echo(result["summary"])
 
@@ -253,9 +255,10 @@ def fid_ref_command(
     """Reference statistics for `reglue fid` from images (an npz keeps its own mu/sigma)."""
     from reglue.trainer.evaluate import RefConfig, reference_stats
 
-    path = reference_stats(RefConfig(source=source, out=out, resolution=resolution, num=num, acts=acts,
-                                     inception=inception, vae=vae, vae_preset=vae_preset, batch_size=batch_size,
-                                     cpu=cpu))
+    with _clear_errors():
+        path = reference_stats(RefConfig(source=source, out=out, resolution=resolution, num=num, acts=acts,
+                                         inception=inception, vae=vae, vae_preset=vae_preset,
+                                         batch_size=batch_size, cpu=cpu))
     typer.echo(f"reference statistics: {path}")
 
 

@@ -11,6 +11,7 @@ random weights: real shapes and FLOPs, not real feature statistics.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -98,10 +99,11 @@ def throughput(args) -> None:
             bare.append(batches * args.batch_size / timed(forward_only, device))
             _, seconds = extract_store(args, work, encoder, state, f"run{r}.zarr")
             runs.append(args.images / seconds)
-        b, e = statistics.median(bare), statistics.median(runs)
+        ratio = statistics.median(e / b for e, b in zip(runs, bare))  # per interleaved pair
         print(f"| {'full-size random' if args.full else 'tiny'} | {args.resolution} | {args.batch_size} | "
-              f"{args.num_workers} | {b:.1f} | {e:.1f} | {e / b:.2f} |  (device {device}, threads "
-              f"{torch.get_num_threads()}, {args.images} images, medians of {args.repeats})")
+              f"{args.num_workers} | {statistics.median(bare):.1f} | {statistics.median(runs):.1f} | {ratio:.2f} | "
+              f"device {device}, {torch.get_num_threads()} threads, {args.images} images, medians of "
+              f"{args.repeats}, load average {os.getloadavg()[0]:.1f} |")
 
 
 def codec_table(cache: Cache) -> None:

@@ -36,10 +36,12 @@ from reglue.trainer.objective import get_method
 
 REAL = dict(resolution=256, latent_channels=4, latent_size=32, dino_dim=768, num_patches=256, grid=16,
             compressed_channels=16)
+TINY = dict(resolution=64, latent_channels=4, latent_size=8, dino_dim=32, num_patches=16, grid=4,
+            compressed_channels=16)
 
 
-def synthetic_cache(url: str, n: int, chunk: int = 64, seed: int = 0) -> Cache:
-    """A complete real-size cache (no `layers`) with random values, written through the store API."""
+def synthetic_cache(url: str, n: int, chunk: int = 64, seed: int = 0, dims: dict = REAL) -> Cache:
+    """A complete cache (no `layers`) of `dims` sizes with random values, written through the store API."""
     dtypes = {"vae_moments": "float16", "cls": "float32", "patches": "int8", "patches_scale": "float16",
               "labels": "int64", "valid": "bool", "compressed": "float16"}
     paths = [f"class{i % 1000:04d}/img{i:08d}.png" for i in range(n)]
@@ -47,19 +49,21 @@ def synthetic_cache(url: str, n: int, chunk: int = 64, seed: int = 0) -> Cache:
                      layers_count=0, num_classes=1000, class_names=tuple(f"class{i:04d}" for i in range(1000)),
                      encoders={"preset": "synthetic"}, patches_encoding="int8-hadamard", dtypes=dtypes,
                      source={"root": "synthetic", "kind": "list", "count": n, "sha256": digest(paths)},
-                     versions={}, **REAL)
+                     versions={}, **dims)
     cache = Cache.create_or_resume(url, meta, paths)
     rng = np.random.default_rng(seed)
+    zc, h, D, P, g, c = (dims[k] for k in ("latent_channels", "latent_size", "dino_dim", "num_patches", "grid",
+                                           "compressed_channels"))
     for k in range(cache.num_chunks):
         start, stop = cache.sample_range(k)
         b = stop - start
-        moments = np.concatenate([rng.normal(0, 1, (b, 4, 32, 32)), rng.uniform(0.05, 0.5, (b, 4, 32, 32))], 1)
+        moments = np.concatenate([rng.normal(0, 1, (b, zc, h, h)), rng.uniform(0.05, 0.5, (b, zc, h, h))], 1)
         cache.write_chunk("extract", k, {
-            "vae_moments": moments.astype(np.float16), "cls": rng.normal(0, 1, (b, 768)).astype(np.float32),
+            "vae_moments": moments.astype(np.float16), "cls": rng.normal(0, 1, (b, D)).astype(np.float32),
             # int8 of a rotated (near-Gaussian) token with an absmax scale: ~|q| <= 127, sd ~ 40
-            "patches": np.clip(rng.normal(0, 40, (b, 256, 768)), -127, 127).astype(np.int8),
-            "patches_scale": rng.uniform(0.01, 0.05, (b, 256)).astype(np.float16),
-            "compressed": rng.normal(0, 1, (b, 16, 16, 16)).astype(np.float16),
+            "patches": np.clip(rng.normal(0, 40, (b, P, D)), -127, 127).astype(np.int8),
+            "patches_scale": rng.uniform(0.01, 0.05, (b, P)).astype(np.float16),
+            "compressed": rng.normal(0, 1, (b, c, g, g)).astype(np.float16),
             "labels": np.arange(start, stop) % 1000, "valid": np.ones(b, bool)})
     cache.update_meta(complete=True)
     return Cache.open(url)

@@ -350,7 +350,7 @@ def extract_chunks(cache: Cache, chunks: list[int], sources: SourceList, encoder
                 if not ok.any():
                     continue
                 good = index[ok]
-                j = np.searchsorted(layer_index, good)
+                j = np.searchsorted(layer_index, good)  # the layers row of each good sample, if it has one
                 keeps = j < len(layer_index)
                 keeps[keeps] = layer_index[j[keeps]] == good[keeps]
                 out = encode_batch(encoder, images[torch.from_numpy(ok)], keeps.any(), comp)
@@ -438,7 +438,7 @@ def fill_chunks(cache: Cache, chunks: list[int], comp: Compressor, src: str | No
     if any(len(v) for v in needed.values()):
         spec = EncoderSpec(**m.encoders["spec"])
         encoder = FeatureEncoder(dataclasses.replace(spec, precision=m.encoders["precision"]), device)
-    shape = (m.compressed_channels or comp.provenance["channels"][-1], m.grid, m.grid)
+    shape = (comp.provenance["channels"][-1], m.grid, m.grid)
     with ChunkWriter(cache, "compressed") as writer:
         for k, batches in chunk_batches(sources, m.resolution, needed, batch_size, num_workers, state,
                                         f"fill-compressed [rank {state.process_index}/{state.num_processes}]"):

@@ -42,11 +42,11 @@ CREATING_ATTR = "reglue_creating"  # set while arrays are being created; a store
 MARKERS = "_markers"
 LAYER_ARRAYS = ("layers",)  # arrays indexed by layers row j, not by sample
 
-# Codec per array, chosen by measurement (bench/extract.py, bench/RESULTS-extract.md): zstd level 3
-# decodes at ~1 GB/s per core and shrinks int8 tokens and fp16 features by a few to ~20 %; higher
-# levels cost encode time for no gain, and byte-shuffle (blosc) did not beat it on these dtypes.
-COMPRESSORS = {"paths": (ZstdCodec(level=3),)}
-DEFAULT_COMPRESSORS = (ZstdCodec(level=3),)
+# Codec, chosen by measurement (bench/extract.py storage, bench/RESULTS-extract.md): zstd level 3
+# saves 8 % on int8 patches, 14 % on fp16 VAE moments, 7 % on fp32 CLS at 0.5-1 GB/s decode per
+# core; levels 1 and 9 give the same size, blosc-lz4 saves nothing on int8, and byte-shuffle +
+# zstd wins only 7 % on the (small) VAE moments, so one codec serves every array.
+COMPRESSORS = (ZstdCodec(level=3),)
 PATHS_CHUNK = 65536
 
 
@@ -243,10 +243,10 @@ class Cache:
         for name, (shape, dtype, chunks) in array_layout(meta).items():
             _create_array(group, name, shape, dtype, chunks)
         group.create_array("paths", shape=(len(paths),), dtype=str, chunks=(min(PATHS_CHUNK, max(len(paths), 1)),),
-                           compressors=COMPRESSORS["paths"])[:] = np.asarray(paths, dtype=str)
+                           compressors=COMPRESSORS)[:] = np.asarray(paths, dtype=str)
         if meta.layers_count:
             group.create_array("layers_index", data=layer_sample_indices(meta.num_samples, meta.layers_count),
-                               compressors=DEFAULT_COMPRESSORS)
+                               compressors=COMPRESSORS)
         group.require_group(f"{MARKERS}/extract")
         # The meta goes in last: a store without it was cut during creation and is re-created.
         group.attrs.put({ATTR: meta.to_dict()})
@@ -404,7 +404,7 @@ def array_layout(meta: CacheMeta) -> dict[str, tuple[tuple[int, ...], str, tuple
 
 def _create_array(group: zarr.Group, name: str, shape, dtype, chunks) -> zarr.Array:
     return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
-                              compressors=COMPRESSORS.get(name, DEFAULT_COMPRESSORS))
+                              compressors=COMPRESSORS)
 
 
 def decode_patches(q, scale) -> torch.Tensor:

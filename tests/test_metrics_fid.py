@@ -86,3 +86,21 @@ def test_fid_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, standin, tmp_path)
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert abs(metrics["fid"]) < 1e-6 and metrics["precision"] == metrics["recall"] == 1.0
     assert json.loads((tmp_path / "m.json").read_text())["not_computed"] == {"sfid": "turned off"}
+
+
+def test_fid_during_training_matches_the_samples_it_draws(standin, tmp_path):
+    from reglue import weights
+    from reglue.trainer.evaluate import fid_during_training
+    from reglue.trainer.generate import generate_images
+    from reglue.trainer.metrics import FeatureStats, Reference, frechet_distance
+    from reglue.trainer.sampling import SamplerConfig
+    from test_sampling_generate import tiny_sit
+
+    model, vae, net = tiny_sit(), weights.load_vae(preset="tiny"), Inception(standin)
+    ref = Reference(mu=np.zeros(2048), sigma=np.eye(2048) * 1e-3)
+    kw = dict(latent_channels=4, scaling_factor=0.18215, sampler=SamplerConfig(num_steps=2), seed=5)
+    got = fid_during_training(model, num=3, reference=ref, inception=net, vae=vae, batch_size=2, **kw)
+    images, labels = generate_images(model, vae, [0, 1, 2], labels="balanced", **kw)
+    mu, sigma = FeatureStats(2048).update(net.pool(images.permute(0, 3, 1, 2))).mu_sigma()
+    assert got["name"] == "FID-3" and labels.tolist() == [0, 1, 2]
+    assert got["fid"] == pytest.approx(frechet_distance(mu, sigma, ref.mu, ref.sigma), rel=1e-9)

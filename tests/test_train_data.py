@@ -144,3 +144,12 @@ def test_pca_recovers_the_dominant_direction_of_standardized_tokens():
     assert set(first.topk(2).indices.tolist()) == {0, 2}
     z = pca.project(x.float().reshape(1000, 4, 5))  # (B, k, 2, 2)
     assert z.shape == (1000, 2, 2, 2)
+
+
+def test_a_rank_reads_about_its_share_of_the_window():
+    cache = ArrayCache(4096, 64)  # 64 chunks, one window
+    loader = CacheLoader(cache, ["x"], 256, rank=3, world=8, window=4096, prefetch=1)
+    next(loader)  # the whole window's rows of this rank are read before its first batch
+    first_window = len(cache.reads)
+    loader.close()
+    assert first_window <= 64 // 8 + 1, f"rank read {first_window} of 64 chunks for 1/8 of the rows"

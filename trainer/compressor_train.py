@@ -124,7 +124,8 @@ def train_compressor(cfg: CompressorConfig) -> Path:
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.t_max, eta_min=cfg.eta_min)
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = CacheLoader(cache, ("layers",), batch, seed=cfg.seed, rank=accelerator.process_index,
-                         world=accelerator.num_processes, window=cfg.window, rows=np.arange(m.layers_count))
+                         world=accelerator.num_processes, window=cfg.window, rows=np.arange(m.layers_count),
+                         local_reads=False)  # BatchNorm: each process's batch stays a random sample
     steps_per_epoch = max(1, m.layers_count // batch)
     history = []
     for epoch in range(cfg.epochs):

@@ -2,27 +2,30 @@
 
 Order, deterministic from (seed, epoch) and independent of the number of processes:
   1. the store's chunks (runs of `chunk_size` consecutive samples) are shuffled;
-  2. consecutive groups of `window_chunks` of them form a window whose valid samples are shuffled;
-  3. the epochs' orders are concatenated into one stream; global batch k is stream[kB : (k+1)B] and
-     rank r takes its contiguous slice [r*b, (r+1)*b), b = B / world.
+  2. consecutive groups of `window_chunks` of them form a window whose valid samples are shuffled,
+     stratified so that every batch holds about as many rows of each of the window's chunks;
+  3. the epochs' orders are concatenated into one stream; global batch k is stream[kB : (k+1)B],
+     sorted by store row, and rank r takes its contiguous slice [r*b, (r+1)*b), b = B / world.
 Every valid sample appears exactly once per epoch: nothing is padded or dropped (a batch may straddle
 two epochs). The position is the number of stream samples consumed, so a run resumes on any number
-of processes.
+of processes. Sorting within a batch changes nothing in the step (the gradient is the batch mean; SiT
+has no batch statistics) but makes each rank's slice a narrow range of rows: with the stratified
+window, rank r reads only chunks [r, r+1) * window_chunks / world of each window (test_train_data.py).
 
 The trade-off of the window (`window` samples, rounded to whole chunks): a cache keeps its sources'
 order (ImageNet: sorted by class), so one chunk holds one or two classes and a batch mixes at most
 `window_chunks` chunks. A full random permutation (the reference's DataLoader shuffle) would mix the
 whole data set but needs one random read per sample, i.e. one whole compressed chunk read and decoded
-per sample. The window reads each chunk once per epoch as one contiguous read and holds this rank's
-rows of a window in RAM (window / world samples). Every rank reads the window's chunks (the OS page
-cache serves one node's ranks from one disk read); in exchange the batch sequence does not depend on
-the number of processes.
+per sample (bench/loader.py measures it ~20x slower). The window reads each chunk once per epoch, as
+one contiguous span per chunk, and holds this rank's rows of one window in RAM (~window / world
+samples): a larger window mixes more classes per batch for more RAM and a longer first read.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -44,30 +47,36 @@ class Readable(Protocol):
 
 def epoch_order(rows: np.ndarray, chunk_size: int, window_chunks: int, seed: int,
                 epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """The epoch's permutation of `rows` (sorted store rows): shuffled chunks, shuffled within windows.
-
-    Returns the order and the stream offsets where its windows start."""
+    """The epoch's permutation of `rows` (sorted store rows): shuffled chunks, then within each window
+    a stratified shuffle that spreads every chunk's rows evenly over the window (row j of m in a
+    chunk's own random order lands at key (j + U) / m), so any B consecutive samples hold ~B / W rows
+    of each of the W chunks. Returns the order and the stream offsets where its windows start."""
     rng = np.random.default_rng([seed, epoch])
     chunk_ids = np.unique(rows // chunk_size)
     starts = np.searchsorted(rows, chunk_ids * chunk_size)
     stops = np.searchsorted(rows, (chunk_ids + 1) * chunk_size)
     order = rng.permutation(len(chunk_ids))
-    windows = [np.concatenate([rows[starts[c]:stops[c]] for c in order[i:i + window_chunks]])
-               for i in range(0, len(order), window_chunks)]
+    windows = []
+    for i in range(0, len(order), window_chunks):
+        members = [rng.permutation(rows[starts[c]:stops[c]]) for c in order[i:i + window_chunks]]
+        keys = np.concatenate([(np.arange(len(m)) + rng.random(len(m))) / len(m) for m in members])
+        windows.append(np.concatenate(members)[np.argsort(keys, kind="stable")])
     bounds = np.cumsum([0] + [len(w) for w in windows[:-1]])
-    return np.concatenate([rng.permutation(w) for w in windows]), bounds
+    return np.concatenate(windows), bounds
 
 
-def read_rows(cache: Readable, names: Sequence[str], ids: np.ndarray, chunk_size: int) -> dict[str, np.ndarray]:
-    """`{name: array[ids]}` read as one contiguous span per chunk touched (never one read per row)."""
+def read_rows(cache: Readable, names: Sequence[str], ids: np.ndarray, chunk_size: int,
+              pool: ThreadPoolExecutor | None = None) -> dict[str, np.ndarray]:
+    """`{name: array[ids]}` read as one contiguous span per chunk touched (never one read per row),
+    the spans decoded in parallel by `pool` when given."""
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
     cuts = np.flatnonzero(np.diff(sorted_ids // chunk_size)) + 1
     spans = list(zip(np.split(order, cuts), np.split(sorted_ids, cuts)))
     out = {}
     for name in names:
-        for i, (where, rows) in enumerate(spans):
-            block = cache.read(name, int(rows[0]), int(rows[-1]) + 1)
+        read = lambda span: cache.read(name, int(span[1][0]), int(span[1][-1]) + 1)
+        for i, ((where, rows), block) in enumerate(zip(spans, (pool.map if pool else map)(read, spans))):
             if i == 0:
                 out[name] = np.empty((len(ids), *block.shape[1:]), block.dtype)
             out[name][where] = block if len(rows) == len(block) else block[rows - rows[0]]  # one copy
@@ -78,11 +87,13 @@ class CacheLoader:
     """Batches `{name: tensor[b, ...], "index": int64[b]}` of this rank, produced by a background thread.
 
     `rows` are the store rows to draw from (default: the cache's valid samples); `state_dict()` holds
-    the position of the consumed batches (not the prefetched ones)."""
+    the position of the consumed batches (not the prefetched ones). `local_reads` sorts each global
+    batch by row (see the module doc); turn it off for a model with batch statistics (BatchNorm),
+    whose per-process statistics would otherwise see a narrow range of rows."""
 
     def __init__(self, cache, names: Sequence[str], global_batch: int, *, seed: int = 0, rank: int = 0,
-                 world: int = 1, window: int = 4096, prefetch: int = 4, rows: np.ndarray | None = None,
-                 pin_memory: bool = False):
+                 world: int = 1, window: int = 4096, prefetch: int = 4, threads: int = 4,
+                 rows: np.ndarray | None = None, pin_memory: bool = False, local_reads: bool = True):
         if global_batch % world:
             raise ValueError(f"the global batch ({global_batch}) must be divisible by the number of "
                              f"processes ({world}); change --global-batch or the process count")
@@ -93,8 +104,9 @@ class CacheLoader:
         self.chunk_size = int(cache.meta.chunk_size)
         self.window_chunks = max(1, window // self.chunk_size)
         self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world
-        self.prefetch, self.pin_memory = prefetch, pin_memory
+        self.prefetch, self.threads, self.pin_memory, self.local_reads = prefetch, threads, pin_memory, local_reads
         self.position = 0  # stream samples consumed, a multiple of global_batch
+        self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._thread: threading.Thread | None = None
 
     @property
@@ -111,48 +123,78 @@ class CacheLoader:
 
     # ---- the stream ----------------------------------------------------------------------------
 
-    def _rank_batches(self, start: int) -> Iterator[dict[str, np.ndarray]]:
-        """This rank's slices of the global batches from stream position `start` on, forever."""
-        n, B, b = len(self.rows), self.global_batch, self.global_batch // self.world
-        epoch, offset = divmod(start, n)
-        carry: dict[str, np.ndarray] | None = None  # fewer than b rows left over from the last window
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if epoch not in self._orders:  # keep the previous epoch: a batch may straddle the boundary
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = epoch_order(self.rows, self.chunk_size, self.window_chunks, self.seed, epoch)
+        return self._orders[epoch]
+
+    def rows_at(self, positions: np.ndarray) -> np.ndarray:
+        """Store rows at global stream positions."""
+        epochs, offsets = np.divmod(positions, len(self.rows))
+        out = np.empty_like(positions)
+        for e in np.unique(epochs):
+            out[epochs == e] = self._order(int(e))[0][offsets[epochs == e]]
+        return out
+
+    def rank_slice(self, k: int) -> np.ndarray:
+        """This rank's stream positions of global batch k, in the batch's order (sorted by store row)."""
+        B, b = self.global_batch, self.global_batch // self.world
+        positions = np.arange(k * B, (k + 1) * B)
+        if self.local_reads:
+            positions = positions[np.lexsort((positions, self.rows_at(positions)))]
+        return positions[self.rank * b:(self.rank + 1) * b]
+
+    def _windows(self, start: int) -> Iterator[tuple[int, int]]:
+        """Global stream positions [lo, hi) of every window from `start` on."""
+        n = len(self.rows)
+        epoch = start // n
         while True:
-            order, bounds = epoch_order(self.rows, self.chunk_size, self.window_chunks, self.seed, epoch)
+            bounds = self._order(epoch)[1]
             for lo, hi in zip(bounds, [*bounds[1:], n]):
-                if hi <= offset:
-                    continue
-                p = np.arange(max(lo, offset), hi)
-                ids = order[p[(epoch * n + p) % B // b == self.rank]]
-                if not len(ids):
-                    continue
-                rows = {**read_rows(self.cache, self.names, ids, self.chunk_size), "index": ids}
-                if carry is not None:  # complete the straddling batch; the window itself is not copied
-                    need = b - len(carry["index"])
-                    carry = {k: np.concatenate([carry[k], v[:need]]) for k, v in rows.items()}
-                    rows = {k: v[need:] for k, v in rows.items()}
-                    if len(carry["index"]) < b:
-                        continue
-                    yield carry
-                full = len(rows["index"]) // b * b
-                for i in range(0, full, b):
-                    yield {k: v[i:i + b] for k, v in rows.items()}
-                carry = {k: v[full:] for k, v in rows.items()}
-            epoch, offset = epoch + 1, 0
+                if epoch * n + hi > start:
+                    yield max(epoch * n + lo, start), epoch * n + hi
+            epoch += 1
+
+    def _rank_batches(self, start: int, pool: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
+        """This rank's slices of the global batches from stream position `start` on, forever: per
+        window, one read of this rank's rows in it; a straddling batch is completed by the next."""
+        B, b = self.global_batch, self.global_batch // self.world
+        k = start // B
+        open_batches: list[tuple[np.ndarray, list]] = []  # (slice positions, parts read so far)
+        for lo, hi in self._windows(start):
+            while k * B < hi:
+                open_batches.append((self.rank_slice(k), []))
+                k += 1
+            wanted = [sel[(sel >= lo) & (sel < hi)] for sel, _ in open_batches]
+            positions = np.concatenate(wanted)
+            if len(positions):
+                ids = self.rows_at(positions)
+                rows = {**read_rows(self.cache, self.names, ids, self.chunk_size, pool), "index": ids}
+                cuts = np.cumsum([len(w) for w in wanted])[:-1]
+                pieces = zip(*(np.split(v, cuts) for v in rows.values()))
+                for (_, parts), pos, piece in zip(open_batches, wanted, pieces):
+                    if len(pos):
+                        parts.append((pos, dict(zip(rows, piece))))
+            while open_batches and sum(len(pos) for pos, _ in open_batches[0][1]) == b:
+                sel, parts = open_batches.pop(0)
+                yield parts[0][1] if len(parts) == 1 else _in_order(sel, parts)
 
     def _worker(self, start: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
-            for batch in self._rank_batches(start):
-                tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-                if self.pin_memory:
-                    tensors = {k: v.pin_memory() for k, v in tensors.items()}
-                while not stop.is_set():
-                    try:
-                        out.put(tensors, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="reglue-read") as pool:
+                for batch in self._rank_batches(start, pool):
+                    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+                    if self.pin_memory:
+                        tensors = {k: v.pin_memory() for k, v in tensors.items()}
+                    while not stop.is_set():
+                        try:
+                            out.put(tensors, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
         except BaseException as e:  # handed to the consumer, which re-raises it
             out.put(e)
 
@@ -181,6 +223,14 @@ class CacheLoader:
             self._thread = None
 
 
+def _in_order(sel: np.ndarray, parts: list[tuple[np.ndarray, dict]]) -> dict[str, np.ndarray]:
+    """Merge a straddling batch's parts (each in `sel` order) into `sel` order."""
+    got = np.concatenate([pos for pos, _ in parts])
+    ranked = np.argsort(got)
+    take = ranked[np.searchsorted(got[ranked], sel)]
+    return {k: np.concatenate([part[k] for _, part in parts])[take] for k in parts[0][1]}
+
+
 # ---- from stored values to the objective's Batch ----------------------------------------------
 
 PATCH_ARRAYS = ("patches", "patches_scale")
@@ -192,8 +242,9 @@ def required_arrays(method: Method, cache) -> tuple[str, ...]:
     names = ["vae_moments", "labels"]
     needs = {"cls": method.cls, "patches": method.repa or method.features == "pca",
              "compressed": method.features == "compressed"}
-    fixes = {"compressed": "run `reglue train-compressor --cache CACHE --out DIR` and then "
-                           "`reglue fill-compressed --cache CACHE --compressor DIR` to add them",
+    fixes = {"compressed": "add them with `reglue train-compressor --cache CACHE --out DIR --fill` (or, with an "
+                           "existing compressor, `reglue fill-compressed --cache CACHE --compressor "
+                           "compression_model.pth --norm-stats dino_mean_std_*.pth`)",
              "patches": "re-extract the cache with the last-layer patch tokens",
              "cls": "re-extract the cache with the [CLS] token"}
     for name in ("vae_moments", "labels", "cls", "patches", "compressed"):

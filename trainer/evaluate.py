@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from reglue.trainer.inception import Inception
 from reglue.trainer.metrics import (FeatureStats, Reference, frechet_distance, inception_score, load_reference,
-                                    precision_recall, save_reference)
+                                    precision_recall, save_reference, statistics)
 from reglue.trainer.npz import iter_npz, npz_shape
 
 PROTOCOL = {
@@ -94,25 +94,23 @@ class FidConfig:
 
 def evaluate(cfg: FidConfig) -> dict:
     """All metrics of cfg.samples; writes the JSON and returns it (with a one-line `summary`)."""
-    ref = load_reference(cfg.ref)
+    n, ref = npz_shape(cfg.samples)[0], load_reference(cfg.ref)
     device = default_device(cfg.cpu)
     inception = Inception(cfg.inception, device)
-    n = npz_shape(cfg.samples)[0]
-    want_sfid = cfg.sfid and ref.mu_s is not None
-    pool, spatial = features(inception, iter_npz(cfg.samples, "arr_0", cfg.batch_size), n, want_sfid)
-    stats = FeatureStats(2048).update(pool)
-    metrics = {"fid": frechet_distance(*stats.mu_sigma(), ref.mu, ref.sigma),
+    skipped = _not_computed(cfg, ref, n)
+    pool, spatial = features(inception, iter_npz(cfg.samples, "arr_0", cfg.batch_size), n, "sfid" not in skipped)
+    metrics = {"fid": frechet_distance(*statistics(pool), ref.mu, ref.sigma),
                "inception_score": inception_score(inception.probs(torch.from_numpy(pool)).cpu())}
-    if want_sfid:
+    if spatial is not None:
         metrics["sfid"] = frechet_distance(*spatial.mu_sigma(), ref.mu_s, ref.sigma_s)
-    if cfg.precision_recall and (ref.acts is not None or ref.images is not None):
+    if "precision_recall" not in skipped:
         ref_acts = ref.acts if ref.acts is not None else features(
             inception, iter_npz(ref.images, "arr_0", cfg.batch_size), npz_shape(ref.images)[0],
             spatial=False, desc="reference")[0]
         metrics["precision"], metrics["recall"] = precision_recall(ref_acts, pool, device=device)
     result = {"samples": str(cfg.samples), "num_samples": n, "reference": str(cfg.ref), "metrics": metrics,
               "protocol": {k: PROTOCOL[k] for k in metrics},
-              "not_computed": _not_computed(cfg, ref, metrics), "inception": str(inception.file),
+              "not_computed": skipped, "inception": str(inception.file),
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     result["summary"] = summary_line(n, metrics, Path(cfg.ref).name)
     out = Path(cfg.out) if cfg.out else Path(cfg.samples).with_suffix(".metrics.json")
@@ -132,13 +130,18 @@ def evaluate_source(cfg: FidConfig, generate_cfg=None) -> dict | None:
     return evaluate(cfg) if PartialState().is_main_process else None
 
 
-def _not_computed(cfg: FidConfig, ref: Reference, metrics: dict) -> dict:
+def _not_computed(cfg: FidConfig, ref: Reference, n: int) -> dict:
+    """Metrics left out, and why."""
     why = {}
-    if "sfid" not in metrics:
+    if not cfg.sfid or ref.mu_s is None:
         why["sfid"] = "turned off" if not cfg.sfid else "the reference has no mu_s/sigma_s"
-    if "precision" not in metrics:
-        why["precision_recall"] = ("turned off" if not cfg.precision_recall
-                                   else "the reference has no images (arr_0) or acts")
+    ref_rows = len(ref.acts) if ref.acts is not None else npz_shape(ref.images)[0] if ref.images else 0
+    if not cfg.precision_recall:
+        why["precision_recall"] = "turned off"
+    elif not ref_rows:
+        why["precision_recall"] = "the reference has no images (arr_0) or acts"
+    elif min(n, ref_rows) <= 3:
+        why["precision_recall"] = f"k=3 needs more than 3 rows ({n} samples, {ref_rows} reference)"
     return why
 
 
@@ -184,7 +187,7 @@ def reference_stats(cfg: RefConfig) -> Path:
     inception = Inception(cfg.inception, device)
     total, batches = _image_source(cfg, device)
     pool, spatial = features(inception, batches, total, spatial=True, desc="reference")
-    mu, sigma = FeatureStats(2048).update(pool).mu_sigma()
+    mu, sigma = statistics(pool)
     mu_s, sigma_s = spatial.mu_sigma()
     keep = np.linspace(0, len(pool) - 1, min(cfg.acts, len(pool))).round().astype(int)
     ref = Reference(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, acts=pool[keep])

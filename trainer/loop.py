@@ -18,6 +18,7 @@ the global and micro batch sizes, not on how many processes share the work, and 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from reglue.trainer.checkpoints import save_snapshot, snapshot_payload
 from reglue.trainer.data import CacheLoader, prepare_batch, required_arrays
 from reglue.trainer.ema import EMA
 from reglue.trainer.models import SiT, count_parameters, preset_kwargs
-from reglue.trainer.objective import XL_LAM_SCHEDULE, Method, get_method, loss_terms, sit_io
+from reglue.trainer.objective import XL_LAM_SCHEDULE, Batch, Method, get_method, loss_terms, sit_io
 from reglue.trainer.pca import PCA, fit_pca
 
 TERMS = ("loss", "latent", "feature", "cls", "proj")
@@ -125,6 +126,8 @@ class TrainConfig:
         unknown = set(self.trackers) - {"tensorboard", "wandb"}
         if unknown:
             raise ValueError(f"unknown trackers {sorted(unknown)}; choose from tensorboard, wandb")
+        if "wandb" in self.trackers and importlib.util.find_spec("wandb") is None:
+            raise ValueError("the wandb tracker needs `pip install wandb` (or `pip install reglue[wandb]`)")
 
 
 # Fields that may change between a run and its resumption (they do not change the trained weights).
@@ -139,13 +142,21 @@ class Plan:
     """What the config means for this cache and process count."""
 
     method: Method
+    """The method preset (with the XL lambda schedule when asked for)."""
     model_kwargs: dict = field(repr=False)
+    """SiT kwargs: the preset's widths plus the input size and channels, CLS and REPA dims of the cache."""
     arrays: tuple[str, ...]
+    """Cache arrays the loader reads for this method."""
     meta_summary: dict = field(repr=False)
+    """The cache facts recorded in config.json and in every EMA file."""
     world: int
+    """Number of processes."""
     per_rank: int
+    """Samples per process per step (global batch / world)."""
     micro: int
+    """Samples per forward pass."""
     accum: int
+    """Micro-batches per step and process (per_rank / micro)."""
 
 
 def make_plan(cfg: TrainConfig, cache: Cache, world: int) -> Plan:
@@ -200,13 +211,18 @@ class Progress:
         self.step = int(state["step"])
 
 
+def checkpoints(run: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a tmp folder is never one)."""
+    return sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
+
+
 def latest_checkpoint(run: Path) -> Path | None:
-    found = sorted((run / "checkpoints").glob("step-*"))
+    found = checkpoints(run)
     return found[-1] if found else None
 
 
 def save_checkpoint(accelerator, run: Path, step: int, ema_payload) -> Path:
-    """accelerate save_state + ema.pt into a tmp folder, renamed when complete; keep the last k."""
+    """accelerate save_state + ema.pt into a tmp folder, renamed once every process has written."""
     root = run / "checkpoints"
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
     if accelerator.is_main_process:
@@ -226,7 +242,7 @@ def save_checkpoint(accelerator, run: Path, step: int, ema_payload) -> Path:
 
 def prune_checkpoints(run: Path, keep_last: int) -> None:
     """Keep the last k checkpoints; drop tmp folders a killed run left behind."""
-    stale = sorted((run / "checkpoints").glob("step-*"))[:-keep_last] + list((run / "checkpoints").glob(".tmp-*"))
+    stale = checkpoints(run)[:-keep_last] + list((run / "checkpoints").glob(".tmp-*"))
     for old in stale:
         shutil.rmtree(old)
 
@@ -296,6 +312,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     ema_payload = lambda: snapshot_payload(ema.model, model_kwargs=plan.model_kwargs, method=plan.method,
                                            step=progress.step, meta=snapshot_meta)
     bare = accelerator.unwrap_model(model, keep_torch_compile=False)  # the EMA follows its parameters
+    make_batch = lambda raw: prepare_batch(raw, plan.method, cache.meta, accelerator.device, pca)
 
     # 5. The loop: one iteration per optimizer step; every phase but the step is interval-gated.
     sums = torch.zeros(len(TERMS) + 1, device=accelerator.device)  # loss terms + grad norm, on device
@@ -329,7 +346,8 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         if done:
             break
         # 5.6 One optimizer step, then the EMA.
-        terms, grad_norm = train_step(accelerator, model, optimizer, loader, plan, cache.meta, pca, cfg, step)
+        terms, grad_norm = train_step(accelerator, model, optimizer, next(loader), make_batch, plan, cfg.seed,
+                                      cfg.grad_clip, step)
         ema.update(bare)
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(terms[0]), step + 1, bad_step)
         sums += torch.cat([terms, grad_norm.reshape(1)])
@@ -339,23 +357,21 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     return resolved
 
 
-def train_step(accelerator, model, optimizer, loader, plan: Plan, meta, pca, cfg: TrainConfig,
-               step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over this process's share of a global batch, in `plan.accum` micro-batches.
+def train_step(accelerator, model, optimizer, raw: dict, make_batch: Callable[[dict], Batch], plan: Plan,
+               seed: int, grad_clip: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on this process's share `raw` of a global batch, in `plan.accum` micro-batches.
 
     Returns the loss terms (TERMS order, averaged over micro-batches) and the clipped grad norm."""
-    raw = next(loader)
     terms = torch.zeros(len(TERMS), device=accelerator.device)
     for a in range(plan.accum):
-        torch.manual_seed(micro_seed(cfg.seed, step, accelerator.process_index * plan.accum + a))
-        part = {k: v[a * plan.micro:(a + 1) * plan.micro] for k, v in raw.items()}
-        batch = prepare_batch(part, plan.method, meta, accelerator.device, pca)
+        torch.manual_seed(micro_seed(seed, step, accelerator.process_index * plan.accum + a))
+        batch = make_batch({k: v[a * plan.micro:(a + 1) * plan.micro] for k, v in raw.items()})
         # Gradients are all-reduced once, on the last micro-batch.
         with accelerator.no_sync(model) if a < plan.accum - 1 else nullcontext():
             out = loss_terms(model, batch, plan.method, step)
             accelerator.backward(out["loss"] / plan.accum)
         terms += torch.stack([out[k].detach() for k in TERMS]) / plan.accum
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return terms, grad_norm
