@@ -132,7 +132,7 @@ def fill_compressed_command(
     from reglue.pipeline.extract import fill_compressed
 
     with _clear_errors():
-        typer.echo(fill_compressed(cache, compressor, norm_stats, src=src))
+        fill_compressed(cache, compressor, norm_stats, src=src)  # prints its summary
 
 
 @app.command("train")
@@ -264,6 +264,19 @@ def fid_ref_command(
 
 
 # ---- demo -----------------------------------------------------------------------------------
+
+@app.command("demo")
+def demo_command(
+    out: str = typer.Option("demo", help="Folder for everything the demo writes; rerun to resume."),
+    method: str = typer.Option("reglue", help="Method trained: sit | repa | reg | redi | reglue."),
+    steps: int = typer.Option(60, help="SiT optimizer steps."),
+) -> None:
+    """The whole flow (extract -> train-compressor -> train -> sample -> fid) on a built-in tiny
+    default: synthetic images and seeded random-weight tiny models. Offline, minutes on a CPU."""
+    from reglue.demo import DemoConfig, run_demo
+
+    with _clear_errors():
+        run_demo(DemoConfig(out=out, method=method, steps=steps))
 
 
 def main() -> None:

@@ -57,7 +57,8 @@ class Unbatched(torch.nn.Module):
     def forward(self, x, t, y, cls_token=None):
         if len(x) == 1 or not (y == self.num_classes).any():
             return self.model(x, t, y, cls_token=cls_token)
-        outs = [self.model(a, b, c, cls_token=d) for a, b, c, d in zip(x.chunk(2), t.chunk(2), y.chunk(2), cls_token.chunk(2))]
+        halves = zip(x.chunk(2), t.chunk(2), y.chunk(2), cls_token.chunk(2))
+        outs = [self.model(a, b, c, cls_token=d) for a, b, c, d in halves]
         return torch.cat([o[0] for o in outs]), [], torch.cat([o[2] for o in outs])
 
 

@@ -165,14 +165,19 @@ def _local(url: str) -> str:
 
 
 def probe(url: str) -> str:
-    """What is at `url`: "absent" (or an empty folder), "cache", "partial" (creation was cut), "other"."""
+    """What is at `url`: "absent" (or a folder holding only dot-files, like the repository's
+    `cache/.gitignore`), "cache", "partial" (creation was cut), "other"."""
     fs, path = fsspec.core.url_to_fs(_local(url))
-    if not fs.exists(path) or (fs.isdir(path) and not fs.ls(path)):
+    if not fs.exists(path) or (fs.isdir(path) and not _visible_entries(fs, path)):
         return "absent"
     if fs.isfile(path) or not fs.exists(f"{path}/zarr.json"):
         return "other"
     attrs = json.loads(fs.cat_file(f"{path}/zarr.json")).get("attributes", {})
     return "cache" if ATTR in attrs else "partial" if CREATING_ATTR in attrs else "other"
+
+
+def _visible_entries(fs, path: str) -> list[str]:
+    return [p for p in fs.ls(path, detail=False) if not p.rstrip("/").rsplit("/", 1)[-1].startswith(".")]
 
 
 def refuse_foreign(url: str) -> str:

@@ -48,8 +48,9 @@ def run_sde_sampler(case: Case):
             assert eps.shape == like.shape
             return eps.to(like.device, torch.float64)
 
-        cfg = SamplerConfig(num_steps=kw["num_steps"], cfg_scale=kw["cfg_scale"], cls_cfg_scale=kw["args"]["cls_cfg_scale"],
-                            guidance_low=kw["guidance_low"], guidance_high=kw["guidance_high"], vae_cfg=vae_cfg == "true")
+        cfg = SamplerConfig(num_steps=kw["num_steps"], cfg_scale=kw["cfg_scale"],
+                            cls_cfg_scale=kw["args"]["cls_cfg_scale"], guidance_low=kw["guidance_low"],
+                            guidance_high=kw["guidance_high"], vae_cfg=vae_cfg == "true")
         x, cls = euler_maruyama(model, case.tensors["in.latents"].float(), case.tensors["in.y"],
                                 case.tensors["in.cls_latents"].float(), cfg, noise=noise)
         assert next(served, None) is None, "the sampler drew fewer Gaussians than the reference"

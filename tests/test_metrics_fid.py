@@ -104,3 +104,21 @@ def test_fid_during_training_matches_the_samples_it_draws(standin, tmp_path):
     mu, sigma = FeatureStats(2048).update(net.pool(images.permute(0, 3, 1, 2))).mu_sigma()
     assert got["name"] == "FID-3" and labels.tolist() == [0, 1, 2]
     assert got["fid"] == pytest.approx(frechet_distance(mu, sigma, ref.mu, ref.sigma), rel=1e-9)
+
+
+def test_features_keep_rows_at_positions_but_statistics_of_all():
+    from reglue.trainer.evaluate import features
+    from reglue.trainer.metrics import statistics
+
+    class Fake:  # pool_3 stand-in: the per-image channel sums, tiled to 2048
+        device = torch.device("cpu")
+
+        def pool(self, images):
+            return images.float().sum((2, 3)).repeat(1, 683)[:, :2048]
+
+    images = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
+    out = features(Fake(), iter([images[:3], images[3:6], images[6:]]), 8, spatial=False, keep=np.array([0, 4, 7]))
+    every = Fake().pool(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_array_equal(out.rows, every[[0, 4, 7]])
+    np.testing.assert_allclose(out.pool.mu_sigma()[1], statistics(every)[1], rtol=1e-10, atol=1e-8)
+    assert out.spatial is None and out.pool.n == 8

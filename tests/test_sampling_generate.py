@@ -110,3 +110,12 @@ def test_one_and_two_processes_give_identical_samples(tiny_checkpoint, tmp_path)
     with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
         np.testing.assert_array_equal(one["arr_0"], two["arr_0"])
         np.testing.assert_array_equal(one["arr_1"], two["arr_1"])
+
+
+def test_sample_from_an_official_checkpoint(tmp_path):
+    from test_models_checkpoints import official_checkpoint  # the format train.py:376-387 writes
+
+    official_checkpoint(tmp_path / "0400000.pt")
+    run_cli("sample", tmp_path / "0400000.pt", "--num", 2, "--batch-size", 2, *FAST)
+    with np.load(tmp_path / "0400000-sde3-cfg2.3-seed0-2.npz") as z:
+        assert z["arr_0"].shape == (2, 64, 64, 3) and z["arr_1"].max() < 10

@@ -36,7 +36,8 @@ def test_ode_heun_beats_euler_on_a_known_flow():
     err = {}
     for solver in ("euler", "heun"):
         for steps in (10, 20):
-            x0, cls0 = ode(model, x1, y, cls1, SamplerConfig(mode="ode", num_steps=steps, ode_solver=solver, cfg_scale=1))
+            cfg = SamplerConfig(mode="ode", num_steps=steps, ode_solver=solver, cfg_scale=1)
+            x0, cls0 = ode(model, x1, y, cls1, cfg)
             err[solver, steps] = (x0 - exact).abs().max().item()
             torch.testing.assert_close(cls0, model.s * cls1.double(), atol=3 * err[solver, steps] + 1e-9, rtol=0)
     assert err["heun", 10] < err["euler", 10] / 5
@@ -51,7 +52,8 @@ def test_sde_reaches_the_data_distribution():
     torch.manual_seed(0)
     model = GaussianFlow(s=0.5)
     x1 = torch.randn(4000, 1, 2, 2)
-    x0, cls0 = euler_maruyama(model, x1, torch.zeros(4000, dtype=torch.long), None, SamplerConfig(num_steps=100, cfg_scale=1))
+    y = torch.zeros(4000, dtype=torch.long)
+    x0, cls0 = euler_maruyama(model, x1, y, None, SamplerConfig(num_steps=100, cfg_scale=1))
     assert cls0 is None and x0.dtype == torch.float64
     assert x0.std().item() == pytest.approx(0.5, rel=0.05) and abs(x0.mean().item()) < 0.02
     assert not torch.allclose(x0, 0.5 * x1.double(), atol=0.05)  # stochastic, unlike the ODE
@@ -60,7 +62,8 @@ def test_sde_reaches_the_data_distribution():
 def test_guidance_interval_batches_and_null_label():
     model = GaussianFlow(num_classes=7)
     y = torch.tensor([3, 5])
-    euler_maruyama(model, torch.randn(2, 4, 2, 2), y, torch.randn(2, 8), SamplerConfig(num_steps=250, guidance_high=0.9))
+    cfg = SamplerConfig(num_steps=250, guidance_high=0.9)
+    euler_maruyama(model, torch.randn(2, 4, 2, 2), y, torch.randn(2, 8), cfg)
     grid = sde_time_grid(250)
     assert [c[1] for c in model.calls] == pytest.approx(grid[:-1].tolist())
     guided = [c for c in model.calls if c[0] == 4]

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from reglue.trainer.inception import Inception
 from reglue.trainer.metrics import (FeatureStats, Reference, frechet_distance, inception_score, load_reference,
-                                    precision_recall, save_reference, statistics)
+                                    precision_recall, save_reference)
 from reglue.trainer.npz import iter_npz, npz_shape
 
 PROTOCOL = {
@@ -51,21 +51,40 @@ def fid_name(n: int) -> str:
 
 # ---- features of an image stream ----------------------------------------------------------------
 
+@dataclass
+class Features:
+    """What one pass of the Inception over an image stream keeps."""
+
+    pool: FeatureStats
+    """float64 statistics of pool_3 (FID)."""
+    spatial: FeatureStats | None
+    """float64 statistics of the sFID features, if asked for."""
+    rows: np.ndarray
+    """pool_3 rows [M,2048] float32 at the kept positions (all by default: IS, precision/recall)."""
+
+
 def features(inception: Inception, batches: Iterator[np.ndarray], total: int, spatial: bool = True,
-             desc: str = "Inception") -> tuple[np.ndarray, FeatureStats | None]:
-    """pool_3 rows [N,2048] float32 of uint8 NHWC batches, and the sFID statistics if `spatial`."""
-    pool, stats = [], FeatureStats(2023, inception.device) if spatial else None
+             keep: np.ndarray | None = None, desc: str = "Inception") -> Features:
+    """Inception features of uint8 NHWC batches: statistics over all images, rows only at `keep`
+    (positions in the stream), so that 1.28M reference images need no 10 GB of rows."""
+    out = Features(FeatureStats(2048, inception.device), FeatureStats(2023, inception.device) if spatial else None,
+                   np.zeros((0, 2048), np.float32))
+    rows, seen = [], 0
     with tqdm(total=total, desc=desc, unit="img") as bar:
         for batch in batches:
             images = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
-            if stats is None:
-                pool.append(inception.pool(images).cpu().numpy())
+            if out.spatial is None:
+                pool = inception.pool(images)
             else:
-                p, s = inception.pool_and_spatial(images)
-                pool.append(p.cpu().numpy())
-                stats.update(s)
+                pool, spatial_feats = inception.pool_and_spatial(images)
+                out.spatial.update(spatial_feats)
+            out.pool.update(pool)
+            pool = pool.cpu().numpy()
+            rows.append(pool if keep is None else pool[keep[(keep >= seen) & (keep < seen + len(pool))] - seen])
+            seen += len(pool)
             bar.update(len(batch))
-    return np.concatenate(pool), stats
+    out.rows = np.concatenate([out.rows, *rows])
+    return out
 
 
 # ---- reglue fid ---------------------------------------------------------------------------------
@@ -98,16 +117,16 @@ def evaluate(cfg: FidConfig) -> dict:
     device = default_device(cfg.cpu)
     inception = Inception(cfg.inception, device)
     skipped = _not_computed(cfg, ref, n)
-    pool, spatial = features(inception, iter_npz(cfg.samples, "arr_0", cfg.batch_size), n, "sfid" not in skipped)
-    metrics = {"fid": frechet_distance(*statistics(pool), ref.mu, ref.sigma),
-               "inception_score": inception_score(inception.probs(torch.from_numpy(pool)).cpu())}
-    if spatial is not None:
-        metrics["sfid"] = frechet_distance(*spatial.mu_sigma(), ref.mu_s, ref.sigma_s)
+    feats = features(inception, iter_npz(cfg.samples, "arr_0", cfg.batch_size), n, "sfid" not in skipped)
+    metrics = {"fid": frechet_distance(*feats.pool.mu_sigma(), ref.mu, ref.sigma),
+               "inception_score": inception_score(inception.probs(torch.from_numpy(feats.rows)).cpu())}
+    if feats.spatial is not None:
+        metrics["sfid"] = frechet_distance(*feats.spatial.mu_sigma(), ref.mu_s, ref.sigma_s)
     if "precision_recall" not in skipped:
         ref_acts = ref.acts if ref.acts is not None else features(
             inception, iter_npz(ref.images, "arr_0", cfg.batch_size), npz_shape(ref.images)[0],
-            spatial=False, desc="reference")[0]
-        metrics["precision"], metrics["recall"] = precision_recall(ref_acts, pool, device=device)
+            spatial=False, desc="reference").rows
+        metrics["precision"], metrics["recall"] = precision_recall(ref_acts, feats.rows, device=device)
     result = {"samples": str(cfg.samples), "num_samples": n, "reference": str(cfg.ref), "metrics": metrics,
               "protocol": {k: PROTOCOL[k] for k in metrics},
               "not_computed": skipped, "inception": str(inception.file),
@@ -186,11 +205,9 @@ def reference_stats(cfg: RefConfig) -> Path:
     device = default_device(cfg.cpu)
     inception = Inception(cfg.inception, device)
     total, batches = _image_source(cfg, device)
-    pool, spatial = features(inception, batches, total, spatial=True, desc="reference")
-    mu, sigma = statistics(pool)
-    mu_s, sigma_s = spatial.mu_sigma()
-    keep = np.linspace(0, len(pool) - 1, min(cfg.acts, len(pool))).round().astype(int)
-    ref = Reference(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, acts=pool[keep])
+    keep = np.linspace(0, total - 1, min(cfg.acts, total)).round().astype(int)
+    feats = features(inception, batches, total, spatial=True, keep=keep, desc="reference")
+    ref = Reference(*feats.pool.mu_sigma(), *feats.spatial.mu_sigma(), acts=feats.rows)
     if cfg.source.endswith(".npz"):
         with np.load(cfg.source) as z:
             for key in ("mu", "sigma", "mu_s", "sigma_s"):
