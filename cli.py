@@ -153,6 +153,10 @@ def train_command(
     ckpt_every: int = typer.Option(10_000, help="Steps between full checkpoints."),
     snapshot_every: int = typer.Option(50_000, help="Steps between EMA snapshots."),
     sample_every: int = typer.Option(50_000, help="Steps between 16-image sample grids from the EMA (0: none, no VAE)."),
+    fid_every: int = typer.Option(0, help="Steps between FID evaluations of the EMA on all processes (0: none)."),
+    fid_num: int = typer.Option(10_000, help="Samples per FID evaluation (FID-10K)."),
+    fid_ref: str | None = typer.Option(None, help="Reference npz for FID: `reglue fid-ref` output or the ADM batch."),
+    inception: str | None = typer.Option(None, help="inception-2015-12-05.pt for FID (else $REGLUE_INCEPTION_WEIGHTS)."),
     keep_last: int = typer.Option(2, help="Full checkpoints kept."),
     trackers: str = typer.Option("tensorboard", help="Comma list of tensorboard, wandb; empty for none."),
     dry_run: bool = typer.Option(False, help="Print the resolved config and exit."),
@@ -164,6 +168,7 @@ def train_command(
         cfg = TrainConfig(cache, out, method, model, max_steps, global_batch, micro_batch, lr=lr, precision=precision,
                           compile=compile, xl_lam_schedule=xl_lam_schedule, seed=seed, log_every=log_every,
                           ckpt_every=ckpt_every, snapshot_every=snapshot_every, sample_every=sample_every, keep_last=keep_last,
+                          fid_every=fid_every, fid_num=fid_num, fid_ref=fid_ref, inception=inception,
                           trackers=tuple(t for t in trackers.split(",") if t))
         try:
             train(cfg, dry_run=dry_run)

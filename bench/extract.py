@@ -1,4 +1,4 @@
-"""Benchmark of `reglue extract` (a script, not a test). Results: bench/RESULTS-extract.md.
+"""Benchmark of `reglue extract` (a script, not a test). Results: BENCHMARKS.md.
 
   python bench/extract.py throughput [--full] [--device cuda] ...  extraction img/s vs the bare forward
   python bench/extract.py storage [--full]                         bytes/image per array and codec

@@ -1,6 +1,6 @@
 """Compact encoding of DINOv2 tokens (the REPA target): 8 bits per value plus one scale per token.
 
-Encoding "int8-hadamard" (chosen by measurement, bench/repa_encoding.py, bench/RESULTS-encoders.md):
+Encoding "int8-hadamard" (chosen by measurement, bench/repa_encoding.py, BENCHMARKS.md):
 rotate each token by a fixed orthogonal matrix R (randomised block Hadamard), then quantise it to
 int8 with a per-token absmax scale. The rotation spreads DINOv2's few large channels over many
 coordinates, so the absmax step is set by the token norm rather than by its largest channel; at

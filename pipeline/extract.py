@@ -43,7 +43,7 @@ from reglue.pipeline.store import (Cache, CacheMeta, chunks_of_rank, digest, lay
                                    merge_skipped, refuse_foreign)
 
 DEFAULT_CHUNK_SIZE = 64
-"""Samples per chunk; measured in bench/RESULTS-extract.md (read throughput vs file count)."""
+"""Samples per chunk; measured in BENCHMARKS.md (read throughput vs file count)."""
 TEST_DELAY_ENV = "REGLUE_EXTRACT_TEST_DELAY"
 """Seconds to sleep after each batch, so that a test can SIGKILL a run half-way."""
 WRITE_QUEUE = 2

@@ -42,7 +42,7 @@ CREATING_ATTR = "reglue_creating"  # set while arrays are being created; a store
 MARKERS = "_markers"
 LAYER_ARRAYS = ("layers",)  # arrays indexed by layers row j, not by sample
 
-# Codec, chosen by measurement (bench/extract.py storage, bench/RESULTS-extract.md): zstd level 3
+# Codec, chosen by measurement (bench/extract.py storage, BENCHMARKS.md): zstd level 3
 # saves 8 % on int8 patches, 14 % on fp16 VAE moments, 7 % on fp32 CLS at 0.5-1 GB/s decode per
 # core; levels 1 and 9 give the same size, blosc-lz4 saves nothing on int8, and byte-shuffle +
 # zstd wins only 7 % on the (small) VAE moments, so one codec serves every array.
@@ -244,7 +244,12 @@ class Cache:
     def _create(cls, url: str, meta: CacheMeta, paths: list[str]) -> "Cache":
         if len(paths) != meta.num_samples:
             raise ValueError(f"{len(paths)} paths for {meta.num_samples} samples")
-        group = zarr.open_group(_local(url), mode="w", zarr_format=3, attributes={CREATING_ATTR: True})
+        # Mode "a" plus clearing the group's members, not mode "w": a cut creation is redone, and a
+        # folder's dot-files (the repository's `cache/.gitignore`) survive.
+        group = zarr.open_group(_local(url), mode="a", zarr_format=3)
+        for name in list(group.keys()):
+            del group[name]
+        group.attrs.put({CREATING_ATTR: True})
         for name, (shape, dtype, chunks) in array_layout(meta).items():
             _create_array(group, name, shape, dtype, chunks)
         group.create_array("paths", shape=(len(paths),), dtype=str, chunks=(min(PATHS_CHUNK, max(len(paths), 1)),),

@@ -148,3 +148,17 @@ def test_meta_roundtrips_through_json():
     assert CacheMeta.from_dict(json.loads(json.dumps(meta.to_dict()))) == meta
     with pytest.raises(ValueError, match="unknown keys"):
         CacheMeta.from_dict(meta.to_dict() | {"from_the_future": 1})
+
+
+def test_a_folder_holding_only_dot_files_is_a_valid_output(tmp_path):
+    """`reglue extract SRC --out cache/`: the repository's cache/ holds only its .gitignore."""
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / ".gitignore").write_text("*\n!.gitignore\n")
+    assert probe(str(out)) == "absent"
+    Cache.create_or_resume(str(out), make_meta(), [str(i) for i in range(10)])
+    assert probe(str(out)) == "cache"
+    assert (out / ".gitignore").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert probe(str(tmp_path / "other")) == "other"

@@ -4,7 +4,7 @@ Resume = run the same command again: the latest complete checkpoint in RUN/check
 the model, EMA, optimizer, GradScaler, every RNG, the step and the loader position. Run folder:
 
   RUN/config.json          resolved config, versions, cache summary (written at start)
-  RUN/log.jsonl            one line per report (rewound to the checkpoint on resume)
+  RUN/log.jsonl            one line per report and per FID evaluation (rewound to the checkpoint on resume)
   RUN/checkpoints/step-N/  full training state (accelerate save_state) + ema.pt; the last k kept
   RUN/snapshots/ema-N.pt   small EMA-only files for sampling (trainer.checkpoints format)
   RUN/pca.safetensors      ReDi's PCA, fitted once (method redi)
@@ -38,6 +38,8 @@ from reglue.pipeline.store import Cache
 from reglue.trainer.checkpoints import save_snapshot, snapshot_payload
 from reglue.trainer.data import CacheLoader, prepare_batch, required_arrays
 from reglue.trainer.ema import EMA
+from reglue.trainer.inception import Inception
+from reglue.trainer.metrics import Reference, load_reference
 from reglue.trainer.models import SiT, count_parameters, preset_kwargs
 from reglue.trainer.objective import XL_LAM_SCHEDULE, Batch, Method, get_method, loss_terms, sit_io
 from reglue.trainer.pca import PCA, fit_pca
@@ -102,6 +104,22 @@ class TrainConfig:
     classes, the paper's SDE sampler, decoded with the ft-EMA VAE); 0 = never (then no VAE is loaded)."""
     sample_steps: int = 250
     """SDE steps of the grid sampler (eval.sh: 250)."""
+    fid_every: int = 0
+    """Steps between FID-Nk evaluations of the EMA on every process (trainer.evaluate.fid_during_training:
+    `reglue sample`'s per-sample seeds, balanced labels); 0 = never (then no reference or Inception is loaded)."""
+    fid_num: int = 10_000
+    """Samples per FID evaluation, split over the processes (logged as FID-10K; FID is biased upward at
+    small N, so compare only values of equal N)."""
+    fid_ref: str | None = None
+    """Reference statistics npz: the ADM batch (VIRTUAL_imagenet256_labeled.npz) or `reglue fid-ref` output;
+    needed when fid_every > 0."""
+    inception: str | None = None
+    """inception-2015-12-05.pt (file or folder) for FID; default $REGLUE_INCEPTION_WEIGHTS, then the reglue
+    cache folder, as `reglue fid`."""
+    fid_steps: int = 250
+    """SDE steps of the FID sampler; its other settings are the paper's (trainer.sampling.SamplerConfig)."""
+    fid_batch: int = 64
+    """Samples per model batch per process during FID (eval.sh: 64; guidance doubles the forward batch)."""
     window: int = 4096
     """Loader shuffle window in samples, rounded to whole cache chunks (see trainer.data)."""
     prefetch: int = 4
@@ -116,11 +134,17 @@ class TrainConfig:
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32; got {self.precision!r}")
         for name in ("max_steps", "global_batch", "log_every", "ckpt_every", "keep_last", "snapshot_every",
-                     "sample_steps", "window", "prefetch", "pca_samples"):
+                     "sample_steps", "window", "prefetch", "pca_samples", "fid_steps", "fid_batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
-        if self.sample_every < 0:
-            raise ValueError(f"sample_every must be >= 0 (0 = no grids); got {self.sample_every}")
+        for name in ("sample_every", "fid_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off); got {getattr(self, name)}")
+        if self.fid_every and not self.fid_ref:
+            raise ValueError("fid_every needs fid_ref: reference statistics from `reglue fid-ref` or the ADM "
+                             "reference batch (VIRTUAL_imagenet256_labeled.npz)")
+        if self.fid_num < 2:
+            raise ValueError(f"fid_num must be >= 2 (a covariance needs 2 samples); got {self.fid_num}")
         if self.micro_batch is not None and (self.micro_batch <= 0 or self.global_batch % self.micro_batch):
             raise ValueError(f"micro_batch ({self.micro_batch}) must divide global_batch ({self.global_batch})")
         unknown = set(self.trackers) - {"tensorboard", "wandb"}
@@ -130,9 +154,11 @@ class TrainConfig:
             raise ValueError("the wandb tracker needs `pip install wandb` (or `pip install reglue[wandb]`)")
 
 
-# Fields that may change between a run and its resumption (they do not change the trained weights).
+# Fields that may change between a run and its resumption (they do not change the trained weights; FID
+# sampling draws from per-sample generators and every step reseeds, tests/test_train_fid.py).
 RUN_CONTROL = ("max_steps", "log_every", "ckpt_every", "keep_last", "snapshot_every", "sample_every", "sample_steps",
-               "prefetch", "trackers", "compile")
+               "prefetch", "trackers", "compile", "fid_every", "fid_num", "fid_ref", "inception", "fid_steps",
+               "fid_batch")
 
 
 # ---- the plan: everything derived from the config, the cache and the process count -------------
@@ -280,7 +306,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
 
-    # 3. Model, EMA (a copy), optimizer, loader; PCA for ReDi.
+    # 3. Model, EMA (a copy), optimizer, loader; PCA for ReDi; what the grids and FID need.
     set_seed(cfg.seed)  # model init only; every step reseeds (micro_seed)
     model = SiT(**plan.model_kwargs).train()
     resolved = resolved_config(cfg, plan, sum(p.numel() for p in model.parameters()))
@@ -294,7 +320,10 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     progress = Progress()
     accelerator.register_for_checkpointing(loader, progress)
     pca = load_or_fit_pca(run, cache, plan.method, cfg.pca_samples, accelerator)
-    vae = load_grid_vae(cache) if cfg.sample_every and accelerator.is_main_process else None  # fails early
+    # Evaluation inputs fail early (a missing VAE, reference or Inception file), not at the first grid or FID.
+    vae = (load_grid_vae(cache, accelerator.device)
+           if cfg.fid_every or (cfg.sample_every and accelerator.is_main_process) else None)
+    fid_inputs = load_fid_inputs(cfg, accelerator) if cfg.fid_every else None
 
     # 4. Resume from the latest complete checkpoint.
     ckpt = latest_checkpoint(run)
@@ -323,29 +352,33 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         done = step >= cfg.max_steps
         due = lambda every: every > 0 and step != start and (step % every == 0 or done)
         # 5.1 Health: nothing is reported or saved past a non-finite loss (a host sync, when due).
-        if any(due(k) for k in (cfg.log_every, cfg.sample_every, cfg.snapshot_every, cfg.ckpt_every)):
+        if any(due(k) for k in (cfg.log_every, cfg.sample_every, cfg.fid_every, cfg.snapshot_every, cfg.ckpt_every)):
             raise_if_non_finite(accelerator, bad_step, latest_checkpoint(run))
         # 5.2 Report: the loop's other host sync.
         if due(cfg.log_every):
             timer = report(accelerator, run, cfg, sums, step, timer, loader.epoch)
             sums.zero_()
-        # 5.3 Sample grid and EMA snapshot, for watching and for sampling.
-        if vae is not None and due(cfg.sample_every):
+        # 5.3 FID-Nk of the EMA, every process sampling its share; its time is left out of the next img/s.
+        if due(cfg.fid_every):
+            seconds = log_fid(accelerator, run, cfg, ema.model, vae, fid_inputs, cache.meta, step)
+            timer = (timer[0] + seconds, timer[1])
+        # 5.4 Sample grid and EMA snapshot, for watching and for sampling.
+        if due(cfg.sample_every) and accelerator.is_main_process:
             save_sample_grid(run / "samples" / f"grid-{step:07d}.png", ema.model, vae, cache.meta, cfg)
         if due(cfg.snapshot_every) and accelerator.is_main_process:
             save_snapshot(run / "snapshots" / f"ema-{step:07d}.pt", ema.model, model_kwargs=plan.model_kwargs,
                           method=plan.method, step=step, meta=snapshot_meta)
-        # 5.4 Full checkpoint (atomic), then prune.
+        # 5.5 Full checkpoint (atomic), then prune.
         if due(cfg.ckpt_every):
             path = save_checkpoint(accelerator, run, step, ema_payload)
             if accelerator.is_main_process:
                 prune_checkpoints(run, cfg.keep_last)
             say(f"checkpoint {path}")
             time.sleep(float(os.environ.get(PAUSE_ENV, 0)))
-        # 5.5 Done?
+        # 5.6 Done?
         if done:
             break
-        # 5.6 One optimizer step, then the EMA.
+        # 5.7 One optimizer step, then the EMA.
         terms, grad_norm = train_step(accelerator, model, optimizer, next(loader), make_batch, plan, cfg.seed,
                                       cfg.grad_clip, step)
         ema.update(bare)
@@ -406,11 +439,39 @@ def load_or_fit_pca(run: Path, cache: Cache, method: Method, samples: int, accel
     return PCA.load(path)
 
 
-def load_grid_vae(cache: Cache):
+def load_grid_vae(cache: Cache, device: torch.device):
     """The decoding VAE of `reglue sample` (ft-EMA), in the cache's weights preset."""
     from reglue.trainer.generate import DECODE_VAE
     from reglue.weights import load_vae
-    return load_vae(DECODE_VAE, preset=cache.meta.encoders["preset"])
+    return load_vae(DECODE_VAE, preset=cache.meta.encoders["preset"]).to(device)
+
+
+def load_fid_inputs(cfg: TrainConfig, accelerator) -> tuple[Reference, Inception]:
+    """(reference statistics, Inception) for FID during training, on every process."""
+    reference = load_reference(cfg.fid_ref)
+    with accelerator.local_main_process_first():  # a missing Inception is downloaded once per node
+        return reference, Inception(cfg.inception, accelerator.device)
+
+
+def log_fid(accelerator, run: Path, cfg: TrainConfig, model: SiT, vae, fid_inputs: tuple[Reference, Inception],
+            meta, step: int) -> float:
+    """FID-Nk of the EMA `model` (call on every process): print it, append {step, fid, fid_num,
+    fid_seconds} to log.jsonl, log `eval/FID-10K` to the trackers; returns the seconds it took."""
+    from reglue.trainer.evaluate import fid_during_training
+    from reglue.trainer.sampling import SamplerConfig
+
+    reference, inception = fid_inputs
+    t0 = time.perf_counter()
+    result = fid_during_training(model, num=cfg.fid_num, reference=reference, inception=inception, vae=vae,
+                                 latent_channels=meta.latent_channels, scaling_factor=meta.vae_scaling_factor,
+                                 sampler=SamplerConfig(num_steps=cfg.fid_steps), seed=cfg.seed,
+                                 batch_size=cfg.fid_batch, accelerator=accelerator)
+    seconds = time.perf_counter() - t0
+    accelerator.print(f"step {step:>7}/{cfg.max_steps} {result['name']} {result['fid']:.4f} ({_hms(seconds)})")
+    accelerator.log({f"eval/{result['name']}": result["fid"]}, step=step)
+    if accelerator.is_main_process:
+        append_log(run, {"step": step, "fid": result["fid"], "fid_num": cfg.fid_num, "fid_seconds": seconds})
+    return seconds
 
 
 def save_sample_grid(path: Path, model: SiT, vae, meta, cfg: TrainConfig, count: int = 16) -> None:
@@ -448,9 +509,13 @@ def report(accelerator, run: Path, cfg: TrainConfig, sums: torch.Tensor, step: i
                       + f" | {img_s:8.1f} img/s ETA {_hms(eta)}")
     accelerator.log({f"train/{k}": v for k, v in values.items()} | {"train/img_per_s": img_s}, step=step)
     if accelerator.is_main_process:
-        with open(run / "log.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "epoch": epoch, **values, "img_per_s": img_s}) + "\n")
+        append_log(run, {"step": step, "epoch": epoch, **values, "img_per_s": img_s})
     return now, step
+
+
+def append_log(run: Path, record: dict) -> None:
+    with open(run / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def rewind_log(path: Path, step: int) -> None:
