@@ -156,7 +156,7 @@ def train_command(
     fid_every: int = typer.Option(0, help="Steps between FID evaluations of the EMA on all processes (0: none)."),
     fid_num: int = typer.Option(10_000, help="Samples per FID evaluation (FID-10K)."),
     fid_ref: str | None = typer.Option(None, help="Reference npz for FID: `reglue fid-ref` output or the ADM batch."),
-    inception: str | None = typer.Option(None, help="inception-2015-12-05.pt for FID (else $REGLUE_INCEPTION_WEIGHTS)."),
+    inception: str | None = typer.Option(None, help="inception-2015-12-05.pt (else $REGLUE_INCEPTION_WEIGHTS)."),
     keep_last: int = typer.Option(2, help="Full checkpoints kept."),
     trackers: str = typer.Option("tensorboard", help="Comma list of tensorboard, wandb; empty for none."),
     dry_run: bool = typer.Option(False, help="Print the resolved config and exit."),
