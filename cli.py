@@ -31,18 +31,23 @@ def _clear_errors():
 def extract_command(
     src: str = typer.Argument(..., help="Image folder (one sub-folder per class, or flat) or a text file list."),
     out: str = typer.Option("", help="Cache URL: a folder or an fsspec URL. Default: cache/<src name>.zarr."),
-    preset: str = typer.Option("real", help="real: published weights. tiny: seeded random tiny models, NOT for real use."),
+    preset: str = typer.Option("real", help=("real: published weights. "
+                                             "tiny: seeded random tiny models, NOT for real use.")),
     resolution: int = typer.Option(256, help="Center-crop side in pixels (multiple of 16)."),
-    layers_limit: int = typer.Option(0, help="Keep DINOv2 layers 8..11 (1.5 MiB/image) for this many evenly spread images."),
-    compressor: str | None = typer.Option(None, help="compression_model.pth: store compressed features for every image."),
+    layers_limit: int = typer.Option(0, help=("Keep DINOv2 layers 8..11 (1.5 MiB/image) "
+                                              "for this many evenly spread images.")),
+    compressor: str | None = typer.Option(None, help=("compression_model.pth: "
+                                                      "store compressed features for every image.")),
     norm_stats: str | None = typer.Option(None, help="dino_mean_std_*.pth of that compressor."),
     precision: str = typer.Option("auto", help="auto (fp16 on CUDA, else fp32), fp32, bf16 or fp16."),
-    vae: str | None = typer.Option(None, help="VAE: HF id or local diffusers folder (default stabilityai/sd-vae-ft-mse)."),
+    vae: str | None = typer.Option(None, help=("VAE: HF id or local diffusers folder "
+                                               "(default stabilityai/sd-vae-ft-mse).")),
     dino: str | None = typer.Option(None, help="DINOv2 timm name (default vit_base_patch14_reg4_dinov2.lvd142m)."),
     dino_weights: str | None = typer.Option(None, help="Local DINOv2 weights file (hub .pth or timm)."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     num_workers: int = typer.Option(4, help="DataLoader processes decoding images."),
-    chunk_size: int | None = typer.Option(None, help="Samples per chunk (unit of storage and resume) (default 64, chosen by measurement)."),
+    chunk_size: int | None = typer.Option(None, help=("Samples per chunk (unit of storage and resume) "
+                                                      "(default 64, chosen by measurement).")),
     device: str | None = typer.Option(None, help="Torch device (default: this process's GPU, else the CPU)."),
 ) -> None:
     """Turn an image folder into a feature cache. Rerun the same command to resume; launch with
@@ -126,7 +131,8 @@ def fill_compressed_command(
     cache: str = typer.Option(..., help="Complete cache to add `compressed` features to."),
     compressor: str = typer.Option(..., help="compression_model.pth (ours or the official one)."),
     norm_stats: str = typer.Option(..., help="Its dino_mean_std_*.pth."),
-    src: str | None = typer.Option(None, help="Image source root, when samples without layers rows need a DINOv2 pass."),
+    src: str | None = typer.Option(None, help=("Image source root, "
+                                               "when samples without layers rows need a DINOv2 pass.")),
 ) -> None:
     """Compress every sample's features into the cache (from stored layers, else a second DINOv2 pass)."""
     from reglue.pipeline.extract import fill_compressed
@@ -140,19 +146,22 @@ def train_command(
     cache: str = typer.Option(..., help="Feature cache (reglue extract)."),
     out: str = typer.Option(..., help="Run folder; rerun the same command to resume from its latest checkpoint."),
     method: str = typer.Option("reglue", help="sit | repa | reg | redi | reglue."),
-    model: str = typer.Option("SiT-B/2", help="SiT preset: SiT-S/2, SiT-B/2, SiT-L/2, SiT-XL/2 (and /4, /8), SiT-tiny/2."),
+    model: str = typer.Option("SiT-B/2", help=("SiT preset: SiT-S/2, SiT-B/2, SiT-L/2, SiT-XL/2 (and /4, /8), "
+                                               "SiT-tiny/2.")),
     max_steps: int = typer.Option(400_000, help="Optimizer steps."),
     global_batch: int = typer.Option(256, help="Samples per step over all processes."),
     micro_batch: int | None = typer.Option(None, help="Samples per forward per process (gradient accumulation)."),
     precision: str = typer.Option("bf16", help="bf16 | fp16 (GradScaler, the reference's) | fp32."),
     compile: bool = typer.Option(False, help="torch.compile the SiT."),
     lr: float = typer.Option(1e-4, help="AdamW learning rate (constant)."),
-    xl_lam_schedule: bool = typer.Option(False, help="The reference's hidden SiT-XL lambda schedule (x0.5 at 250K, x0.25 at 500K)."),
+    xl_lam_schedule: bool = typer.Option(False, help=("The reference's hidden SiT-XL lambda schedule "
+                                                      "(x0.5 at 250K, x0.25 at 500K).")),
     seed: int = typer.Option(0, help="Seed of init, data order and every draw."),
     log_every: int = typer.Option(100, help="Steps between reports."),
     ckpt_every: int = typer.Option(10_000, help="Steps between full checkpoints."),
     snapshot_every: int = typer.Option(50_000, help="Steps between EMA snapshots."),
-    sample_every: int = typer.Option(50_000, help="Steps between 16-image sample grids from the EMA (0: none, no VAE)."),
+    sample_every: int = typer.Option(50_000, help=("Steps between 16-image sample grids from the EMA "
+                                                   "(0: none, no VAE).")),
     fid_every: int = typer.Option(0, help="Steps between FID evaluations of the EMA on all processes (0: none)."),
     fid_num: int = typer.Option(10_000, help="Samples per FID evaluation (FID-10K)."),
     fid_ref: str | None = typer.Option(None, help="Reference npz for FID: `reglue fid-ref` output or the ADM batch."),
@@ -167,7 +176,8 @@ def train_command(
     with _clear_errors():
         cfg = TrainConfig(cache, out, method, model, max_steps, global_batch, micro_batch, lr=lr, precision=precision,
                           compile=compile, xl_lam_schedule=xl_lam_schedule, seed=seed, log_every=log_every,
-                          ckpt_every=ckpt_every, snapshot_every=snapshot_every, sample_every=sample_every, keep_last=keep_last,
+                          ckpt_every=ckpt_every, snapshot_every=snapshot_every, sample_every=sample_every,
+                          keep_last=keep_last,
                           fid_every=fid_every, fid_num=fid_num, fid_ref=fid_ref, inception=inception,
                           trackers=tuple(t for t in trackers.split(",") if t))
         try:

@@ -89,9 +89,9 @@ def load_vae(name: str = DEFAULT_VAE, preset: str = "real"):
         return _tag(vae, name=name, preset=preset, source=str(Path(name).resolve()), revision=None)
     try:
         vae = AutoencoderKL.from_pretrained(name, local_files_only=True)
-    except OSError:
+    except OSError as err:
         if _offline():
-            raise _vae_unavailable(name, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+            raise _vae_unavailable(name, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set") from err
         try:
             vae = AutoencoderKL.from_pretrained(name)
         except OSError as e:

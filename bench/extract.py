@@ -25,7 +25,7 @@ from PIL import Image, ImageFilter
 from reglue import weights
 from reglue.pipeline import codec
 from reglue.pipeline.encoders import EncoderSpec, FeatureEncoder
-from reglue.pipeline.extract import (ExtractConfig, extract_chunks, owned_pending, plan_meta, process_state)
+from reglue.pipeline.extract import ExtractConfig, extract_chunks, owned_pending, plan_meta, process_state
 from reglue.pipeline.sources import scan
 from reglue.pipeline.store import Cache, CacheMeta
 
@@ -120,7 +120,8 @@ def codec_table(cache: Cache) -> None:
                 c = Blosc(c.cname, c.clevel, c.shuffle, typesize=values.dtype.itemsize)
             sizes.append(len(raw) if c is None else len(c.encode(raw)))
         packed = Zstd(3).encode(raw)
-        dec = statistics.median(len(raw) / timed(lambda: Zstd(3).decode(packed), torch.device("cpu")) / 1e6
+        dec = statistics.median(len(raw) / timed(lambda packed=packed: Zstd(3).decode(packed),
+                                                 torch.device("cpu")) / 1e6
                                 for _ in range(5))
         per = "per layers row" if name == "layers" else ""
         print(f"| {name} {per} | {values.dtype} | {len(raw) / rows:,.0f} | "
@@ -129,7 +130,7 @@ def codec_table(cache: Cache) -> None:
     per_image = {n: b / N for n, b in stored.items()}
     train = sum(per_image[n] for n in ("vae_moments", "cls", "patches", "patches_scale", "labels", "valid"))
     compressed = cache.meta.grid ** 2 * 16 * 2  # c=16 fp16 at the DINO grid, when a compressor is given
-    print(f"\nstored (zstd3, incl. metadata) B/image: " + ", ".join(f"{n} {b:,.0f}" for n, b in per_image.items()))
+    print("\nstored (zstd3, incl. metadata) B/image: " + ", ".join(f"{n} {b:,.0f}" for n, b in per_image.items()))
     print(f"training set (vae_moments+cls+patches+scale+labels+valid) {train:,.0f} B/image; + compressed "
           f"16x{cache.meta.grid}x{cache.meta.grid} fp16 (raw) = {train + compressed:,.0f} B/image; reference "
           f"layout {REFERENCE_BYTES:,} B/image (ratio {(train + compressed) / REFERENCE_BYTES:.2f})")
@@ -156,12 +157,14 @@ def chunks(args) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             meta = CacheMeta(num_samples=N, chunk_size=C, resolution=256, latent_channels=4, latent_size=32,
                              vae_scaling_factor=0.18215, dino_dim=D, num_patches=P, grid=16, layers=(8, 9, 10, 11),
-                             layers_count=0, num_classes=0, class_names=(), encoders={}, patches_encoding=codec.ENCODING,
+                             layers_count=0, num_classes=0, class_names=(), encoders={},
+                             patches_encoding=codec.ENCODING,
                              dtypes={"patches": "int8", "patches_scale": "float16"}, source={"sha256": ""}, versions={})
             cache = Cache.create_or_resume(f"{tmp}/c.zarr", meta, [""] * N)
             for k in range(cache.num_chunks):
                 s, e = cache.sample_range(k)
-                cache.write_chunk("extract", k, {"patches": q[np.arange(s, e) % 64], "patches_scale": scale[np.arange(s, e) % 64]})
+                cache.write_chunk("extract", k, {"patches": q[np.arange(s, e) % 64],
+                                                 "patches_scale": scale[np.arange(s, e) % 64]})
             order = rng.permutation(cache.num_chunks)
             per_batch = max(256 // C, 1)
             t = time.perf_counter()

@@ -169,7 +169,7 @@ def main() -> None:
             "cache, one read per sample": timed(read_per_sample, cache, names, args.batch, args.per_sample),
         }
     base = rows["reference PNG + npy (dataset.py)"]
-    print(f"\n| reader | samples | wall s | samples/s | samples per CPU-s | vs reference (per CPU-s) |")
+    print("\n| reader | samples | wall s | samples/s | samples per CPU-s | vs reference (per CPU-s) |")
     print("|---|---|---|---|---|---|")
     for name, (wall, cpu, n) in rows.items():
         print(f"| {name} | {n} | {wall:.2f} | {n / wall:.0f} | {n / cpu:.0f} | "

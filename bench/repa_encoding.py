@@ -89,14 +89,15 @@ def main():
     torch.manual_seed(args.seed)
     print(f"layer-11 channel std: median {std.median():.3f}, max {std.max():.3f}; "
           f"|mean| max {mean.abs().max():.3f}; {args.tokens} tokens per distribution\n")
-    print(f"| distribution | encoding | B/image (patches) | total B/image | mean cos | min cos "
-          f"| REPA loss diff (random h) | REPA loss diff (h at cos 0.7) |")
+    print("| distribution | encoding | B/image (patches) | total B/image | mean cos | min cos "
+          "| REPA loss diff (random h) | REPA loss diff (h at cos 0.7) |")
     print("|---|---|---|---|---|---|---|---|")
     for kind in ("gaussian", "student-t3", "lowrank-ln", "outliers8x"):
         x = synth(kind, mean, std, args.tokens, g)
         h_rand = torch.randn(x.shape, generator=g)
         noise = torch.randn(x.shape, generator=g)  # h = x/|x| + a noise/|noise| with cos(h, x) ~ 0.7
-        h_mid = F.normalize(x, dim=-1) + 1.02 * F.normalize(noise - (noise * F.normalize(x, dim=-1)).sum(-1, keepdim=True) * F.normalize(x, dim=-1), dim=-1)
+        h_mid = F.normalize(x, dim=-1) + 1.02 * F.normalize(
+            noise - (noise * F.normalize(x, dim=-1)).sum(-1, keepdim=True) * F.normalize(x, dim=-1), dim=-1)
         for name, (roundtrip, nbytes) in candidates(mean, std).items():
             xr = roundtrip(x)
             cos = F.cosine_similarity(xr, x, dim=-1)

@@ -24,9 +24,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from loader import REAL, TINY, synthetic_cache
 from torch.utils.flop_counter import FlopCounterMode
 
-from loader import REAL, TINY, synthetic_cache
 from reglue import weights
 from reglue.pipeline.compressor import EncoderDecoder, NormStats, compress
 from reglue.pipeline.encoders import preprocess_dino
@@ -69,7 +69,8 @@ def train_flops_per_image(model: SiT, kwargs: dict, device: torch.device) -> flo
     h, D = kwargs["input_size"], kwargs["cls_dim"]
     x = torch.randn(1, kwargs["in_channels"], h, h, device=device)
     with FlopCounterMode(display=False) as counter:
-        model(x, torch.rand(1, device=device), torch.zeros(1, dtype=torch.long, device=device), torch.randn(1, D, device=device))
+        model(x, torch.rand(1, device=device), torch.zeros(1, dtype=torch.long, device=device),
+              torch.randn(1, D, device=device))
     return 3.0 * counter.get_total_flops()
 
 
@@ -91,7 +92,8 @@ def bench(accelerator, cache, dims, preset: str, feed: str, batch: int, steps: i
         make_batch = lambda raw: prepare_batch(raw, method, m, device)
     else:
         names = ("vae_moments", "labels")
-        images = torch.randint(0, 256, (min(batch, 512), 3, m.resolution, m.resolution), dtype=torch.uint8, device=device)
+        images = torch.randint(0, 256, (min(batch, 512), 3, m.resolution, m.resolution), dtype=torch.uint8,
+                               device=device)
         make_batch = online_features(dims, device, images)
     loader = CacheLoader(cache, names, batch, pin_memory=device.type == "cuda")
     plan = Plan(method, kwargs, tuple(names), {}, 1, batch, batch, 1)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -153,7 +154,8 @@ class NormStats:
         for name in ("mean", "std"):
             object.__setattr__(self, name, torch.as_tensor(np.asarray(getattr(self, name)), dtype=torch.float32))
         if self.mean.ndim != 1 or self.mean.shape != self.std.shape:
-            raise ValueError(f"norm stats need two (C,) vectors; got {tuple(self.mean.shape)} and {tuple(self.std.shape)}")
+            raise ValueError(f"norm stats need two (C,) vectors; "
+                             f"got {tuple(self.mean.shape)} and {tuple(self.std.shape)}")
         if not bool((self.std > 0).all()):
             raise ValueError("norm stats std must be > 0 in every channel")
 

@@ -55,7 +55,7 @@ class EncoderSpec:
         object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
 
     @classmethod
-    def tiny(cls, resolution: int = 64, **kw) -> "EncoderSpec":
+    def tiny(cls, resolution: int = 64, **kw) -> EncoderSpec:
         """The tiny preset at a small crop: 64 -> latent 8x8, DINOv2 input 56, 4x4 = 16 patches."""
         return cls(preset="tiny", resolution=resolution, **kw)
 

@@ -25,10 +25,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -39,8 +39,15 @@ from reglue.pipeline import codec
 from reglue.pipeline.compressor import NormStats, compress, load_compressor, load_norm_stats
 from reglue.pipeline.encoders import EncoderSpec, FeatureEncoder
 from reglue.pipeline.sources import ImageDataset, SourceList, scan
-from reglue.pipeline.store import (Cache, CacheMeta, chunks_of_rank, digest, layer_sample_indices,
-                                   merge_skipped, refuse_foreign)
+from reglue.pipeline.store import (
+    Cache,
+    CacheMeta,
+    chunks_of_rank,
+    digest,
+    layer_sample_indices,
+    merge_skipped,
+    refuse_foreign,
+)
 
 DEFAULT_CHUNK_SIZE = 64
 """Samples per chunk; measured in BENCHMARKS.md (read throughput vs file count)."""
@@ -124,7 +131,7 @@ class Compressor:
     provenance: dict
 
     @classmethod
-    def load(cls, path: str, norm_stats: str, in_channels: int, stage: str) -> "Compressor":
+    def load(cls, path: str, norm_stats: str, in_channels: int, stage: str) -> Compressor:
         model, stats = load_compressor(path), load_norm_stats(norm_stats)
         channels = model.build_channel_list
         if channels[0] != in_channels or stats.mean.numel() != in_channels:
@@ -277,7 +284,7 @@ class ChunkWriter:
         if self.error is not None:
             raise RuntimeError(f"writing to {self.cache.url} failed: {self.error}") from self.error
 
-    def __enter__(self) -> "ChunkWriter":
+    def __enter__(self) -> ChunkWriter:
         return self
 
     def __exit__(self, *exc) -> None:

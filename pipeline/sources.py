@@ -11,9 +11,9 @@ Every image goes through `load_image`: decode, convert to RGB, ADM center crop.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -25,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -104,7 +105,7 @@ class CacheMeta:
     """Version of this layout; readers refuse a version they do not know."""
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CacheMeta":
+    def from_dict(cls, d: dict) -> CacheMeta:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -205,7 +206,7 @@ class Cache:
     # -- opening and creating
 
     @classmethod
-    def open(cls, url: str, *, mode: str = "r", allow_incomplete: bool = False) -> "Cache":
+    def open(cls, url: str, *, mode: str = "r", allow_incomplete: bool = False) -> Cache:
         """Open an existing cache; refuses an incomplete one unless `allow_incomplete`."""
         state = probe(url)
         if state != "cache":
@@ -222,7 +223,7 @@ class Cache:
         return cache
 
     @classmethod
-    def create_or_resume(cls, url: str, meta: CacheMeta, paths: list[str], *, create: bool = True) -> "Cache":
+    def create_or_resume(cls, url: str, meta: CacheMeta, paths: list[str], *, create: bool = True) -> Cache:
         """The store for `meta`: created if absent, reopened if it holds the same config, else an error.
 
         Nothing is changed when the answer is an error. With `create=False` (non-zero ranks, after rank
@@ -241,7 +242,7 @@ class Cache:
         return cls._create(url, meta, paths)
 
     @classmethod
-    def _create(cls, url: str, meta: CacheMeta, paths: list[str]) -> "Cache":
+    def _create(cls, url: str, meta: CacheMeta, paths: list[str]) -> Cache:
         if len(paths) != meta.num_samples:
             raise ValueError(f"{len(paths)} paths for {meta.num_samples} samples")
         # Mode "a" plus clearing the group's members, not mode "w": a cut creation is redone, and a
@@ -447,7 +448,8 @@ def info(url: str) -> str:
     m, N = cache.meta, cache.meta.num_samples
     lines = [f"cache {url}  (format {m.format_version}, {'complete' if m.complete else 'INCOMPLETE'})",
              f"samples {N}: valid {int(cache.array('valid')[:].sum())}, skipped {len(m.skipped)}; chunks "
-             f"{cache.num_chunks} x {m.chunk_size} samples, done {cache.num_chunks - len(cache.missing_chunks('extract'))}",
+             f"{cache.num_chunks} x {m.chunk_size} samples, "
+             f"done {cache.num_chunks - len(cache.missing_chunks('extract'))}",
              f"{'array':<14}{'shape':<22}{'dtype':<9}{'chunks':<22}{'codec':<10}{'stored':>12}{'B/image':>11}"]
     sizes = cache.stored_bytes()
     for name, stored in sizes.items():
@@ -462,7 +464,8 @@ def info(url: str) -> str:
     lines += [f"resolution {m.resolution}, latent {m.latent_channels}x{m.latent_size}x{m.latent_size} "
               f"(scale {m.vae_scaling_factor}), dino D={m.dino_dim} P={m.num_patches} (grid {m.grid}), "
               f"layers {list(m.layers)} kept for {m.layers_count} samples, compressed channels {m.compressed_channels}",
-              f"encoders: {json.dumps({k: enc[k] for k in sorted(enc) if k in ('preset', 'vae', 'dino', 'precision')})}",
+              f"encoders: "
+              f"{json.dumps({k: enc[k] for k in sorted(enc) if k in ('preset', 'vae', 'dino', 'precision')})}",
               f"patches encoding {m.patches_encoding}; classes {m.num_classes}; source {m.source.get('root')} "
               f"({m.source.get('kind')}, {m.source.get('count')} files)"]
     if m.compressor:

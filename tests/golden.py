@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -48,7 +48,7 @@ class Case:
         t = self.meta.get("tolerance", {})
         return {"atol": t.get("atol", 0.0), "rtol": t.get("rtol", 0.0)}
 
-    def sibling(self, name: str) -> "Case":
+    def sibling(self, name: str) -> Case:
         """A case this one shares weights with (e.g. `siloss` -> `../sit_forward`)."""
         return load_case(self.folder.parent / name)
 
@@ -68,8 +68,10 @@ def make_input(grid, width: int, height: int):
 
     gh, gw, _ = grid.shape
     G = grid.astype(np.int64)
-    ys = np.arange(height, dtype=np.int64) * (gh - 1); iy, ry = ys // (height - 1), ys % (height - 1)
-    xs = np.arange(width, dtype=np.int64) * (gw - 1); ix, rx = xs // (width - 1), xs % (width - 1)
+    ys = np.arange(height, dtype=np.int64) * (gh - 1)
+    iy, ry = ys // (height - 1), ys % (height - 1)
+    xs = np.arange(width, dtype=np.int64) * (gw - 1)
+    ix, rx = xs // (width - 1), xs % (width - 1)
     iy1, ix1 = np.minimum(iy + 1, gh - 1), np.minimum(ix + 1, gw - 1)
     wy0, wy1 = (height - 1 - ry)[:, None, None], ry[:, None, None]
     wx0, wx1 = (width - 1 - rx)[None, :, None], rx[None, :, None]

@@ -4,9 +4,9 @@ import hashlib
 
 import numpy as np
 import torch
+from golden import Case, make_input, runner
 from PIL import Image
 
-from golden import Case, make_input, runner
 from reglue import weights
 from reglue.pipeline.encoders import EncoderSpec, FeatureEncoder, preprocess_dino
 from reglue.pipeline.sources import center_crop

@@ -2,7 +2,6 @@
 
 import numpy as np
 import torch
-
 from golden import Case, runner
 
 
@@ -43,7 +42,7 @@ def run_sde_sampler(case: Case):
     for vae_cfg in kw["args"]["vae_cfg"]:
         served = iter(draws)
 
-        def noise(like):
+        def noise(like, served=served):
             eps = next(served)
             assert eps.shape == like.shape
             return eps.to(like.device, torch.float64)

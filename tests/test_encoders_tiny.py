@@ -98,11 +98,13 @@ def test_preprocess_dino_order():
     x = torch.full((1, 3, 64, 64), 255, dtype=torch.uint8)
     y = preprocess_dino(x, 56)
     assert y.shape == (1, 3, 56, 56)
-    torch.testing.assert_close(y[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+    torch.testing.assert_close(y[0, :, 0, 0],
+                               (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
 
 
 def test_tiny_weights_are_the_reference_architectures():
-    mse, ema = weights.load_vae("stabilityai/sd-vae-ft-mse", "tiny"), weights.load_vae("stabilityai/sd-vae-ft-ema", "tiny")
+    mse = weights.load_vae("stabilityai/sd-vae-ft-mse", "tiny")
+    ema = weights.load_vae("stabilityai/sd-vae-ft-ema", "tiny")
     assert all(torch.equal(a, b) for a, b in zip(mse.state_dict().values(), ema.state_dict().values()))
     assert type(mse).__name__ == "AutoencoderKL" and len(mse.config.block_out_channels) == 4
     with torch.no_grad():   # /8 down, 4 latent channels, decode back to image size

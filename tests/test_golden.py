@@ -3,12 +3,11 @@
 Select with `pytest -k golden`. Runners live in `tests/golden_*.py`, one file per area.
 """
 
-import pytest
-
 import golden
 import golden_models  # noqa: F401  (registers runners)
 import golden_pipeline  # noqa: F401
 import golden_sampling  # noqa: F401
+import pytest
 
 FOLDERS = golden.case_folders()
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_sampling_generate import run_cli, tiny_checkpoint  # noqa: F401  (fixture)
 
 from reglue.trainer import inception as inc
 from reglue.trainer.inception import INCEPTION_FILE, Inception, inception_file, save_standin
 from reglue.weights import WeightsUnavailable
-from test_sampling_generate import run_cli, tiny_checkpoint  # noqa: F401  (fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -89,12 +89,13 @@ def test_fid_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, standin, tmp_path)
 
 
 def test_fid_during_training_matches_the_samples_it_draws(standin, tmp_path):
+    from test_sampling_generate import tiny_sit
+
     from reglue import weights
     from reglue.trainer.evaluate import fid_during_training
     from reglue.trainer.generate import generate_images
     from reglue.trainer.metrics import FeatureStats, Reference, frechet_distance
     from reglue.trainer.sampling import SamplerConfig
-    from test_sampling_generate import tiny_sit
 
     model, vae, net = tiny_sit(), weights.load_vae(preset="tiny"), Inception(standin)
     ref = Reference(mu=np.zeros(2048), sigma=np.eye(2048) * 1e-3)

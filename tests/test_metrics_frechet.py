@@ -5,8 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from reglue.trainer.metrics import (FeatureStats, Reference, frechet_distance, inception_score, load_reference,
-                                    manifold_radii, precision_recall, save_reference, statistics)
+from reglue.trainer.metrics import (
+    FeatureStats,
+    Reference,
+    frechet_distance,
+    inception_score,
+    load_reference,
+    manifold_radii,
+    precision_recall,
+    save_reference,
+    statistics,
+)
 
 
 def test_frechet_diagonal_and_commuting_closed_forms():

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-
 from golden_models import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 from reglue.pipeline.compressor import UnsafeFileError

@@ -9,8 +9,16 @@ import torch
 from golden import golden_dir
 from golden_models import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
-from reglue.pipeline.compressor import (EncoderDecoder, NormStats, UnsafeFileError, compress, load_compressor,
-                                        load_norm_stats, save_compressor, save_norm_stats)
+from reglue.pipeline.compressor import (
+    EncoderDecoder,
+    NormStats,
+    UnsafeFileError,
+    compress,
+    load_compressor,
+    load_norm_stats,
+    save_compressor,
+    save_norm_stats,
+)
 
 OFFICIAL_STATS = Path(golden_dir()).parent / "data" / "reglue-norm-stats" / "dino_mean_std_8_9_10_11_256.pth"
 

@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-
 from golden_models import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 from reglue.trainer.models import build_sit
-from reglue.trainer.objective import (METHODS, XL_LAM_SCHEDULE, Batch, Method, draw, get_method, loss_terms,
-                                      sit_io)
+from reglue.trainer.objective import METHODS, XL_LAM_SCHEDULE, Batch, Method, draw, get_method, loss_terms, sit_io
 
 DINO, H, ZC = 16, 8, 4  # tiny DINO width, latent side (4 x 4 tokens) and latent channels
 

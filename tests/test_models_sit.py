@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from golden_models import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from typer.testing import CliRunner
 
 from reglue.cli import app
 from reglue.trainer.models import SIT_PRESETS, SiT, build_sit, count_parameters, sit_kwargs_from_reference

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from reglue.pipeline import codec
-from reglue.pipeline.store import (Cache, CacheMeta, chunks_of_rank, decode_patches, info, layer_sample_indices,
-                                   probe, verify)
+from reglue.pipeline.store import (
+    Cache,
+    CacheMeta,
+    chunks_of_rank,
+    decode_patches,
+    info,
+    layer_sample_indices,
+    probe,
+    verify,
+)
 
 DTYPES = {"vae_moments": "float16", "cls": "float32", "patches": "int8", "patches_scale": "float16",
           "labels": "int64", "valid": "bool", "layers": "float16"}

@@ -72,7 +72,8 @@ def test_order_depends_only_on_seed_and_epoch():
 def test_ranks_split_each_global_batch_and_together_equal_one_process(world):
     cache = ArrayCache(50, 6, invalid=(7,))
     one = [b["index"].numpy() for b in take(CacheLoader(cache, ["x"], 8, seed=2, window=12), 12)]
-    ranks = [[b["index"].numpy() for b in take(CacheLoader(cache, ["x"], 8, seed=2, window=12, rank=r, world=world), 12)]
+    ranks = [[b["index"].numpy()
+              for b in take(CacheLoader(cache, ["x"], 8, seed=2, window=12, rank=r, world=world), 12)]
              for r in range(world)]
     for k in range(12):
         assert all(len(ranks[r][k]) == 8 // world for r in range(world))

@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from reglue.cli import app
-
 from reglue.pipeline.compressor import compress, load_compressor, load_norm_stats
 from reglue.pipeline.encoders import EncoderSpec
 from reglue.pipeline.extract import ExtractConfig, extract

@@ -141,7 +141,8 @@ def _official_config(args: argparse.Namespace, ema: dict) -> tuple[dict, Method,
     # The run's lambda: the reference applies its XL schedule when "XL" is in the model name (train.py:349-354).
     schedule = XL_LAM_SCHEDULE if "XL" in a["model"] else ((0, 1.0),)
     method = get_method("reglue", feature_channels=a["feat_channels"], layers=tuple(layers), compressor_hidden=hidden,
-                        lam_schedule=tuple((s, v * a["lam"]) for s, v in schedule), w_cls=a["cls"], w_proj=a["proj_coeff"])
+                        lam_schedule=tuple((s, v * a["lam"]) for s, v in schedule), w_cls=a["cls"],
+                        w_proj=a["proj_coeff"])
     meta = {"resolution": a["resolution"], "vae_scaling_factor": 0.18215, "latent_channels": 4, "official_args": a}
     return kwargs, method, meta
 

@@ -25,8 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reglue.pipeline.compressor import (EncoderDecoder, NormStats, compress, load_norm_stats, save_compressor,
-                                       save_norm_stats)
+from reglue.pipeline.compressor import (
+    EncoderDecoder,
+    NormStats,
+    compress,
+    load_norm_stats,
+    save_compressor,
+    save_norm_stats,
+)
 from reglue.pipeline.store import Cache
 from reglue.trainer.data import CacheLoader
 from reglue.trainer.objective import get_method

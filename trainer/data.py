@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ def read_rows(cache: Readable, names: Sequence[str], ids: np.ndarray, chunk_size
     spans = list(zip(np.split(order, cuts), np.split(sorted_ids, cuts)))
     out = {}
     for name in names:
-        read = lambda span: cache.read(name, int(span[1][0]), int(span[1][-1]) + 1)
+        read = lambda span, name=name: cache.read(name, int(span[1][0]), int(span[1][-1]) + 1)
         for i, ((where, rows), block) in enumerate(zip(spans, (pool.map if pool else map)(read, spans))):
             if i == 0:
                 out[name] = np.empty((len(ids), *block.shape[1:]), block.dtype)

@@ -18,17 +18,24 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from reglue.trainer.inception import Inception
-from reglue.trainer.metrics import (FeatureStats, Reference, frechet_distance, inception_score, load_reference,
-                                    precision_recall, save_reference)
+from reglue.trainer.metrics import (
+    FeatureStats,
+    Reference,
+    frechet_distance,
+    inception_score,
+    load_reference,
+    precision_recall,
+    save_reference,
+)
 from reglue.trainer.npz import iter_npz, npz_shape
 
 PROTOCOL = {

@@ -25,10 +25,11 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -350,7 +351,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     while True:
         step = progress.step
         done = step >= cfg.max_steps
-        due = lambda every: every > 0 and step != start and (step % every == 0 or done)
+        due = lambda every, step=step, done=done: every > 0 and step != start and (step % every == 0 or done)
         # 5.1 Health: nothing is reported or saved past a non-finite loss (a host sync, when due).
         if any(due(k) for k in (cfg.log_every, cfg.sample_every, cfg.fid_every, cfg.snapshot_every, cfg.ckpt_every)):
             raise_if_non_finite(accelerator, bad_step, latest_checkpoint(run))

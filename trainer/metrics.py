@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 # ---- Gaussian statistics and the Frechet distance ------------------------------------------------
 
 class FeatureStats:
@@ -31,14 +30,14 @@ class FeatureStats:
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
-    def update(self, feats: torch.Tensor | np.ndarray) -> "FeatureStats":
+    def update(self, feats: torch.Tensor | np.ndarray) -> FeatureStats:
         x = torch.as_tensor(feats).to(self.sum.device, torch.float64)
         self.n += len(x)
         self.sum += x.sum(0)
         self.outer += x.T @ x
         return self
 
-    def all_reduce(self, accelerator) -> "FeatureStats":
+    def all_reduce(self, accelerator) -> FeatureStats:
         """Sum the statistics of every process (call on all of them)."""
         n = torch.tensor([self.n], dtype=torch.float64, device=self.sum.device)
         self.n = int(accelerator.reduce(n, "sum").item())

@@ -186,7 +186,8 @@ class SiT(nn.Module):
             raise ValueError(f"SiT needs input_size % patch_size == 0 and hidden_size divisible by "
                              f"num_heads and 4; got {input_size=}, {patch_size=}, {hidden_size=}, {num_heads=}")
         if z_dims and not 1 <= encoder_depth <= depth:
-            raise ValueError(f"encoder_depth must be in 1..{depth} (block whose output REPA aligns); got {encoder_depth}")
+            raise ValueError(f"encoder_depth must be in 1..{depth} (block whose output REPA aligns); "
+                             f"got {encoder_depth}")
         self.in_channels = self.out_channels = in_channels
         self.input_size = input_size
         self.patch_size = patch_size

@@ -44,7 +44,7 @@ class PCA:
         save_file({"mean": self.mean, "std": self.std, "components": self.components}, str(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "PCA":
+    def load(cls, path: str | Path) -> PCA:
         return cls(**load_file(str(path)))
 
 

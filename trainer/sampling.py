@@ -18,8 +18,8 @@ reference's draws through it, and `generate.py` passes per-sample generators.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
