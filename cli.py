@@ -3,6 +3,8 @@ one function in `pipeline/` or `trainer/`."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -10,14 +12,10 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check a feature 
 app.add_typer(cache_app, name="cache")
 
 
-# ---- extract / cache (pipeline) -------------------------------------------------------------
-
-from contextlib import contextmanager  # noqa: E402  (kept in this section: one owner per section)
-
-
 @contextmanager
 def _clear_errors():
-    """Input mistakes (missing source, wrong --out, incompatible store) print one line, exit 1."""
+    """Input mistakes (missing source, wrong --out, incompatible store, weights unavailable offline)
+    print one line naming the file and the fix, and exit 1; anything else is a bug and keeps its traceback."""
     from reglue.weights import WeightsUnavailable
 
     try:
@@ -26,6 +24,8 @@ def _clear_errors():
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
 
+
+# ---- extract / cache (pipeline) -------------------------------------------------------------
 
 @app.command("extract")
 def extract_command(

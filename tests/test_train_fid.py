@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from reglue.cli import app
 from reglue.trainer.evaluate import RefConfig, reference_stats
 from reglue.trainer.inception import INCEPTION_FILE, save_standin
-from reglue.trainer.loop import RUN_CONTROL, TrainConfig, train
+from reglue.trainer.loop import TrainConfig, train
+from reglue.trainer.runfolder import RUN_CONTROL
 from reglue.weights import WeightsUnavailable
 
 caches = test_train_loop.caches  # the tiny cache fixture (tiny preset, 64 px, 32 images)

@@ -8,7 +8,7 @@ is rebuilt as a plain attribute bag, with no code of its own run. Any other glob
 Formats:
 - ours (snapshot or training checkpoint): a dict with `format: "reglue"`, `model_kwargs` (SiT
   kwargs), `method` (Method fields), `meta` (latent_channels, resolution, vae_scaling_factor, ...),
-  `step`, and `ema` (the EMA state dict). A training checkpoint folder (trainer.loop) holds this
+  `step`, and `ema` (the EMA state dict). A training checkpoint folder (trainer.runfolder) holds this
   payload as `ema.pt` next to Accelerate's state; `load_model` accepts the folder.
 - official: `{'model', 'ema', 'opt', 'args': argparse.Namespace, 'steps'}` (train.py:376-387),
   whose state-dict keys equal our SiT's, so it loads strictly with no mapping.

@@ -1,14 +1,8 @@
 """The Accelerate training loop: `train(TrainConfig)` trains one of the five methods from a cache.
 
-Resume = run the same command again: the latest complete checkpoint in RUN/checkpoints/ restores
-the model, EMA, optimizer, GradScaler, every RNG, the step and the loader position. Run folder:
-
-  RUN/config.json          resolved config, versions, cache summary (written at start)
-  RUN/log.jsonl            one line per report and per FID evaluation (rewound to the checkpoint on resume)
-  RUN/checkpoints/step-N/  full training state (accelerate save_state) + ema.pt; the last k kept
-  RUN/snapshots/ema-N.pt   small EMA-only files for sampling (trainer.checkpoints format)
-  RUN/pca.safetensors      ReDi's PCA, fitted once (method redi)
-  RUN/tensorboard/         TensorBoard events
+Resume = run the same command again: the latest complete checkpoint restores the model, EMA, optimizer,
+GradScaler, every RNG, the step and the loader position. The run folder's layout, its checkpoints, log
+and config.json live in trainer.runfolder.
 
 Randomness: before each micro-batch the global RNGs are seeded from (seed, step, global micro-batch
 index), so the posterior sample, t, the noise and the label dropout of every sample depend only on
@@ -17,13 +11,9 @@ the global and micro batch sizes, not on how many processes share the work, and 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
-import math
 import os
-import platform
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -43,7 +33,17 @@ from reglue.trainer.inception import Inception
 from reglue.trainer.metrics import Reference, load_reference
 from reglue.trainer.models import SiT, count_parameters, preset_kwargs
 from reglue.trainer.objective import XL_LAM_SCHEDULE, Batch, Method, get_method, loss_terms, sit_io
-from reglue.trainer.pca import PCA, fit_pca
+from reglue.trainer.runfolder import (
+    append_log,
+    check_same_run,
+    hms,
+    latest_checkpoint,
+    load_or_fit_pca,
+    prune_checkpoints,
+    resolved_config,
+    rewind_log,
+    save_checkpoint,
+)
 
 TERMS = ("loss", "latent", "feature", "cls", "proj")
 # Fault injection for the resume test: seconds to sleep after each checkpoint (SIGKILL lands there).
@@ -155,14 +155,7 @@ class TrainConfig:
             raise ValueError("the wandb tracker needs `pip install wandb` (or `pip install reglue[wandb]`)")
 
 
-# Fields that may change between a run and its resumption (they do not change the trained weights; FID
-# sampling draws from per-sample generators and every step reseeds, tests/test_train_fid.py).
-RUN_CONTROL = ("max_steps", "log_every", "ckpt_every", "keep_last", "snapshot_every", "sample_every", "sample_steps",
-               "prefetch", "trackers", "compile", "fid_every", "fid_num", "fid_ref", "inception", "fid_steps",
-               "fid_batch")
-
-
-# ---- the plan: everything derived from the config, the cache and the process count -------------
+# ---- the plan: everything derived from the config, the cache and the process count --------------
 
 @dataclass(frozen=True)
 class Plan:
@@ -209,21 +202,7 @@ def make_plan(cfg: TrainConfig, cache: Cache, world: int) -> Plan:
     return Plan(method, model_kwargs, arrays, summary, world, per_rank, micro, per_rank // micro)
 
 
-def resolved_config(cfg: TrainConfig, plan: Plan, parameters: int) -> dict:
-    """config.json: the config, what it resolved to, the versions, the cache."""
-    import accelerate
-    import zarr
-
-    from reglue import __version__
-    return {"config": dataclasses.asdict(cfg), "method": dataclasses.asdict(plan.method),
-            "model_kwargs": plan.model_kwargs, "parameters": parameters,
-            "processes": plan.world, "per_process_batch": plan.per_rank, "micro_batch": plan.micro,
-            "accumulation": plan.accum, "arrays": list(plan.arrays), "cache": plan.meta_summary,
-            "versions": {"reglue": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                         "accelerate": accelerate.__version__, "numpy": np.__version__, "zarr": zarr.__version__}}
-
-
-# ---- checkpoints ------------------------------------------------------------------------------
+# ---- the step counter and the per-micro-batch seed ----------------------------------------------
 
 class Progress:
     """Optimizer steps taken; registered for checkpointing next to the loader."""
@@ -238,48 +217,12 @@ class Progress:
         self.step = int(state["step"])
 
 
-def checkpoints(run: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a tmp folder is never one)."""
-    return sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    found = checkpoints(run)
-    return found[-1] if found else None
-
-
-def save_checkpoint(accelerator, run: Path, step: int, ema_payload) -> Path:
-    """accelerate save_state + ema.pt into a tmp folder, renamed once every process has written."""
-    root = run / "checkpoints"
-    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model, optimizer, scaler, registered objects; RNG of every rank
-    if accelerator.is_main_process:
-        torch.save(ema_payload(), tmp / "ema.pt")  # trainer.checkpoints.load_model reads this file
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def prune_checkpoints(run: Path, keep_last: int) -> None:
-    """Keep the last k checkpoints; drop tmp folders a killed run left behind."""
-    stale = checkpoints(run)[:-keep_last] + list((run / "checkpoints").glob(".tmp-*"))
-    for old in stale:
-        shutil.rmtree(old)
-
-
 def micro_seed(seed: int, step: int, micro: int) -> int:
     """A 63-bit seed for global micro-batch `micro` of optimizer step `step`."""
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-# ---- the loop ---------------------------------------------------------------------------------
+# ---- the loop -----------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     """Train (or resume) the run in `cfg.out`; with `dry_run`, print the resolved config and return it."""
@@ -413,33 +356,6 @@ def train_step(accelerator, model, optimizer, raw: dict, make_batch: Callable[[d
 
 # ---- helpers of the loop ------------------------------------------------------------------------
 
-def check_same_run(run: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume a run folder that holds a run of another config (RUN_CONTROL fields may change)."""
-    path = run / "config.json"
-    if not path.exists() or latest_checkpoint(run) is None:
-        return
-    stored = json.loads(path.read_text())["config"]
-    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    diff = [f"{k}: {stored.get(k)!r} there, {mine[k]!r} now" for k in mine
-            if k not in RUN_CONTROL and stored.get(k) != mine[k]]
-    if diff:
-        raise ValueError(f"{run} holds a run with a different config ({'; '.join(diff)}); rerun with the same "
-                         "settings or choose another --out")
-
-
-def load_or_fit_pca(run: Path, cache: Cache, method: Method, samples: int, accelerator) -> PCA | None:
-    """ReDi's PCA: fitted once by process 0 into RUN/pca.safetensors, then read by every process."""
-    if method.features != "pca":
-        return None
-    path = run / "pca.safetensors"
-    if accelerator.is_main_process and not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fit_pca(cache, method.feature_channels, samples).save(path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
-    accelerator.wait_for_everyone()
-    return PCA.load(path)
-
-
 def load_grid_vae(cache: Cache, device: torch.device):
     """The decoding VAE of `reglue sample` (ft-EMA), in the cache's weights preset."""
     from reglue.trainer.generate import DECODE_VAE
@@ -468,7 +384,7 @@ def log_fid(accelerator, run: Path, cfg: TrainConfig, model: SiT, vae, fid_input
                                  sampler=SamplerConfig(num_steps=cfg.fid_steps), seed=cfg.seed,
                                  batch_size=cfg.fid_batch, accelerator=accelerator)
     seconds = time.perf_counter() - t0
-    accelerator.print(f"step {step:>7}/{cfg.max_steps} {result['name']} {result['fid']:.4f} ({_hms(seconds)})")
+    accelerator.print(f"step {step:>7}/{cfg.max_steps} {result['name']} {result['fid']:.4f} ({hms(seconds)})")
     accelerator.log({f"eval/{result['name']}": result["fid"]}, step=step)
     if accelerator.is_main_process:
         append_log(run, {"step": step, "fid": result["fid"], "fid_num": cfg.fid_num, "fid_seconds": seconds})
@@ -507,27 +423,10 @@ def report(accelerator, run: Path, cfg: TrainConfig, sums: torch.Tensor, step: i
     eta = (cfg.max_steps - step) * cfg.global_batch / max(img_s, 1e-9)
     accelerator.print(f"step {step:>7}/{cfg.max_steps} ep {epoch:6.2f} "
                       + " ".join(f"{k} {v:.4f}" for k, v in values.items())
-                      + f" | {img_s:8.1f} img/s ETA {_hms(eta)}")
+                      + f" | {img_s:8.1f} img/s ETA {hms(eta)}")
     accelerator.log({f"train/{k}": v for k, v in values.items()} | {"train/img_per_s": img_s}, step=step)
     if accelerator.is_main_process:
         append_log(run, {"step": step, "epoch": epoch, **values, "img_per_s": img_s})
     return now, step
 
 
-def append_log(run: Path, record: dict) -> None:
-    with open(run / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def rewind_log(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step (written after the checkpoint by a run that was killed)."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
-
-
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

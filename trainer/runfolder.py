@@ -1,0 +1,146 @@
+"""The run folder: its layout, its checkpoints, its log and its config.json (trainer.loop writes it).
+
+Resume = run the same command again: the latest complete checkpoint in RUN/checkpoints/ restores
+the model, EMA, optimizer, GradScaler, every RNG, the step and the loader position. Run folder:
+
+  RUN/config.json          resolved config, versions, cache summary (written at start)
+  RUN/log.jsonl            one line per report and per FID evaluation (rewound to the checkpoint on resume)
+  RUN/checkpoints/step-N/  full training state (accelerate save_state) + ema.pt; the last k kept
+  RUN/snapshots/ema-N.pt   small EMA-only files for sampling (trainer.checkpoints format)
+  RUN/pca.safetensors      ReDi's PCA, fitted once (method redi)
+  RUN/samples/grid-N.png   16 EMA samples at fixed noise and classes every --sample-every steps
+  RUN/tensorboard/         TensorBoard events
+
+A checkpoint is written into RUN/checkpoints/.tmp-step-N and renamed to step-N once every process has
+written, so a folder named step-N is always complete; a run killed mid-save leaves only a tmp folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from reglue.pipeline.store import Cache
+from reglue.trainer.objective import Method
+from reglue.trainer.pca import PCA, fit_pca
+
+if TYPE_CHECKING:
+    from reglue.trainer.loop import Plan, TrainConfig
+
+# Fields that may change between a run and its resumption (they do not change the trained weights; FID
+# sampling draws from per-sample generators and every step reseeds, tests/test_train_fid.py).
+RUN_CONTROL = ("max_steps", "log_every", "ckpt_every", "keep_last", "snapshot_every", "sample_every", "sample_steps",
+               "prefetch", "trackers", "compile", "fid_every", "fid_num", "fid_ref", "inception", "fid_steps",
+               "fid_batch")
+
+
+# ---- config.json --------------------------------------------------------------------------------
+
+def resolved_config(cfg: TrainConfig, plan: Plan, parameters: int) -> dict:
+    """config.json: the config, what it resolved to, the versions, the cache."""
+    import accelerate
+    import zarr
+
+    from reglue import __version__
+    return {"config": dataclasses.asdict(cfg), "method": dataclasses.asdict(plan.method),
+            "model_kwargs": plan.model_kwargs, "parameters": parameters,
+            "processes": plan.world, "per_process_batch": plan.per_rank, "micro_batch": plan.micro,
+            "accumulation": plan.accum, "arrays": list(plan.arrays), "cache": plan.meta_summary,
+            "versions": {"reglue": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                         "accelerate": accelerate.__version__, "numpy": np.__version__, "zarr": zarr.__version__}}
+
+
+def check_same_run(run: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a run folder that holds a run of another config (RUN_CONTROL fields may change)."""
+    path = run / "config.json"
+    if not path.exists() or latest_checkpoint(run) is None:
+        return
+    stored = json.loads(path.read_text())["config"]
+    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    diff = [f"{k}: {stored.get(k)!r} there, {mine[k]!r} now" for k in mine
+            if k not in RUN_CONTROL and stored.get(k) != mine[k]]
+    if diff:
+        raise ValueError(f"{run} holds a run with a different config ({'; '.join(diff)}); rerun with the same "
+                         "settings or choose another --out")
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def checkpoints(run: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a tmp folder is never one)."""
+    return sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = checkpoints(run)
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator, run: Path, step: int, ema_payload) -> Path:
+    """accelerate save_state + ema.pt into a tmp folder, renamed once every process has written."""
+    root = run / "checkpoints"
+    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # model, optimizer, scaler, registered objects; RNG of every rank
+    if accelerator.is_main_process:
+        torch.save(ema_payload(), tmp / "ema.pt")  # trainer.checkpoints.load_model reads this file
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(run: Path, keep_last: int) -> None:
+    """Keep the last k checkpoints; drop tmp folders a killed run left behind."""
+    stale = checkpoints(run)[:-keep_last] + list((run / "checkpoints").glob(".tmp-*"))
+    for old in stale:
+        shutil.rmtree(old)
+
+
+# ---- log.jsonl, ReDi's PCA ----------------------------------------------------------------------
+
+def append_log(run: Path, record: dict) -> None:
+    with open(run / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def rewind_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step (written after the checkpoint by a run that was killed)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def load_or_fit_pca(run: Path, cache: Cache, method: Method, samples: int, accelerator) -> PCA | None:
+    """ReDi's PCA: fitted once by process 0 into RUN/pca.safetensors, then read by every process."""
+    if method.features != "pca":
+        return None
+    path = run / "pca.safetensors"
+    if accelerator.is_main_process and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fit_pca(cache, method.feature_channels, samples).save(path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    accelerator.wait_for_everyone()
+    return PCA.load(path)
+
+
+def hms(seconds: float) -> str:
+    """h:mm:ss for the report lines ("?" when not finite)."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
