@@ -171,8 +171,10 @@ class FeatureEncoder:
         x_dino = preprocess_dino(images, self.spec.dino_size)            # [B,3,S,S]
         autocast = (nullcontext() if precision == "fp32"
                     else torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[precision]))
+        # The VAE always encodes in fp32, as the reference's `encode` step does (dataset_tools.py:395,401);
+        # only DINOv2 ran under fp16 autocast there (train.py:303-341), so only it takes `precision`.
+        post = self.vae.encode(x_vae.float()).latent_dist                # mean, std [B,zc,h,h]
         with autocast:
-            post = self.vae.encode(x_vae).latent_dist                    # mean, std [B,zc,h,h]
             outs = self.dino.get_intermediate_layers(
                 x_dino, n=self.blocks, reshape=False, return_prefix_tokens=True, norm=True)
         tokens = dict(zip(self.blocks, outs))                            # block -> ([B,P,D], [B,1+4,D])

@@ -119,3 +119,16 @@ def test_sample_from_an_official_checkpoint(tmp_path):
     run_cli("sample", tmp_path / "0400000.pt", "--num", 2, "--batch-size", 2, *FAST)
     with np.load(tmp_path / "0400000-sde3-cfg2.3-seed0-2.npz") as z:
         assert z["arr_0"].shape == (2, 64, 64, 3) and z["arr_1"].max() < 10
+
+
+def test_an_unconditional_model_samples_with_the_null_label_only():
+    """A flat (unlabelled) folder gives num_classes 0: every label is the null id 0, no guidance."""
+    from reglue import weights
+
+    torch.manual_seed(0)
+    model = build_sit("SiT-tiny/2", **{**KWARGS, "num_classes": 0}).eval()
+    vae = weights.load_vae(preset="tiny")
+    for labels in ("random", "balanced"):
+        images, y = generate_images(model, vae, [0, 1, 2], seed=0, latent_channels=4, scaling_factor=0.18215,
+                                    sampler=SamplerConfig(num_steps=3), labels=labels)
+        assert images.shape == (3, 64, 64, 3) and y.tolist() == [0, 0, 0]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +63,15 @@ def generate_images(model, vae, indices: list[int], *, seed: int, latent_channel
     device = torch.device(device)
     size = model.grid * model.patch_size
     gens = [sample_generator(seed, i, device) for i in indices]
+    # An unconditional model (a cache of a flat folder: num_classes 0) has only the null id, 0 =
+    # num_classes; guiding null against null would only double the forwards, so guidance is off.
+    classes = max(model.num_classes, 1)
+    if model.num_classes == 0:
+        sampler = replace(sampler, cfg_scale=1.0, cls_cfg_scale=0.0)
     y, x, cls = [], [], []
     for i, g in zip(indices, gens):
-        label = torch.randint(model.num_classes, (), generator=g, device=device)
-        y.append(torch.tensor(i % model.num_classes, device=device) if labels == "balanced" else label)
+        label = torch.randint(classes, (), generator=g, device=device)
+        y.append(torch.tensor(i % classes, device=device) if labels == "balanced" else label)
         x.append(torch.randn(model.in_channels, size, size, generator=g, device=device))
         if model.cls_dim is not None:
             cls.append(torch.randn(model.cls_dim, generator=g, device=device))
