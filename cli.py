@@ -111,8 +111,11 @@ def models_command(
 def train_compressor_command(
     cache: str = typer.Option(..., help="Cache with layers rows (extract --layers-limit M)."),
     out: str = typer.Option(..., help="Folder for dino_mean_std_*.pth and compression_model.pth."),
-    epochs: int = typer.Option(25, help="Epochs over the layers rows (reference: 25)."),
+    epochs: int = typer.Option(25, help="Epochs of --steps-per-epoch steps (reference: 25)."),
+    steps_per_epoch: int = typer.Option(312, help=("Steps per epoch, drawn from the stored rows (reference: its "
+                                                   "ImageNet epoch at batch 4096, 312).")),
     global_batch: int = typer.Option(4096, help="Rows per step over all processes (capped by the rows stored)."),
+    window: int = typer.Option(4096, help="Shuffle window in rows (RAM: ~window/processes layers rows)."),
     channels: int = typer.Option(16, help="Compressed channels (the SiT's feature channels)."),
     fill: bool = typer.Option(False, help="Then fill the cache's compressed features (as `reglue fill-compressed`)."),
     seed: int = typer.Option(0, help="Seed of the init and the row order."),
@@ -121,8 +124,9 @@ def train_compressor_command(
     from reglue.trainer.compressor_train import CompressorConfig, train_compressor
 
     with _clear_errors():
-        path = train_compressor(CompressorConfig(cache, out, epochs=epochs, global_batch=global_batch,
-                                                 channels=channels, fill=fill, seed=seed))
+        path = train_compressor(CompressorConfig(cache, out, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                                 global_batch=global_batch, window=window, channels=channels,
+                                                 fill=fill, seed=seed))
     typer.echo(f"compressor: {path}")
 
 
@@ -154,6 +158,8 @@ def train_command(
     precision: str = typer.Option("bf16", help="bf16 | fp16 (GradScaler, the reference's) | fp32."),
     compile: bool = typer.Option(False, help="torch.compile the SiT."),
     lr: float = typer.Option(1e-4, help="AdamW learning rate (constant)."),
+    window: int = typer.Option(65536, help=("Loader shuffle window in samples (RAM: ~window/processes samples, "
+                                            "~225 KB each for reglue).")),
     xl_lam_schedule: bool = typer.Option(False, help=("The reference's hidden SiT-XL lambda schedule "
                                                       "(x0.5 at 250K, x0.25 at 500K).")),
     seed: int = typer.Option(0, help="Seed of init, data order and every draw."),
@@ -174,12 +180,11 @@ def train_command(
     from reglue.trainer.loop import TrainConfig, train
 
     with _clear_errors():
-        cfg = TrainConfig(cache, out, method, model, max_steps, global_batch, micro_batch, lr=lr, precision=precision,
-                          compile=compile, xl_lam_schedule=xl_lam_schedule, seed=seed, log_every=log_every,
-                          ckpt_every=ckpt_every, snapshot_every=snapshot_every, sample_every=sample_every,
-                          keep_last=keep_last,
-                          fid_every=fid_every, fid_num=fid_num, fid_ref=fid_ref, inception=inception,
-                          trackers=tuple(t for t in trackers.split(",") if t))
+        cfg = TrainConfig(cache, out, method, model, max_steps, global_batch, micro_batch, lr=lr, window=window,
+                          precision=precision, compile=compile, xl_lam_schedule=xl_lam_schedule, seed=seed,
+                          log_every=log_every, ckpt_every=ckpt_every, snapshot_every=snapshot_every,
+                          sample_every=sample_every, keep_last=keep_last, fid_every=fid_every, fid_num=fid_num,
+                          fid_ref=fid_ref, inception=inception, trackers=tuple(t for t in trackers.split(",") if t))
         try:
             train(cfg, dry_run=dry_run)
         except FloatingPointError as e:

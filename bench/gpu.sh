@@ -24,10 +24,12 @@
 #   step      cap   command (device mode)
 #   sampling  150s  bench/sampling.py --device cuda --models SiT-B/2 SiT-XL/2 --steps 50 --batch 64
 #   train-B   120s  bench/train_step.py --models SiT-B/2 --batch 256
-#   train-XL  150s  bench/train_step.py --models SiT-XL/2 --batch 128   (256 does not fit 80 GB; the script
-#                                                                       halves further on out-of-memory)
-#   extract   150s  bench/extract.py throughput --full --device cuda --batch-size 256
+#   train-XL  150s  bench/train_step.py --models SiT-XL/2 --batch 128   (256: ~0.3 GB of activations per
+#                                                                       sample, estimated, would not fit; the script halves on OOM)
+#   extract   180s  bench/extract.py throughput --full --device cuda --batch-size 256
 #                   --num-workers min(12, cores-4) --images 4096 --repeats 3
+#                   (4096 JPEGs are made first, ~25 s on one core; the SD-VAE encodes in fp32,
+#                   ~250 GFLOP/image at 256 px, 7 passes over the images)
 #
 # CPU smoke mode (--dry-run, --smoke or GPU_SH_CPU_SMOKE=1), for the CPU machine: no CUDA check; installs
 # the wheels with a CPython 3.12 (GPU_SH_PY312, else pyenv's 3.12.x, else skipped) into a temporary target,
@@ -57,6 +59,9 @@ PY=${GPU_SH_PYTHON:-python3}
 BUDGET=${GPU_SH_BUDGET:-450}
 DEADLINE=$((START + BUDGET))
 STEPS=${GPU_SH_STEPS:-sampling train-B train-XL extract}
+for s in $STEPS; do
+    case $s in sampling | train-B | train-XL | extract) ;; *) echo "gpu.sh: unknown step '$s' in GPU_SH_STEPS" >&2; exit 2 ;; esac
+done
 
 RES=${OUT:-}
 [[ -n $RES ]] || RES=$(mktemp -d /tmp/reglue-gpu.XXXXXX)
@@ -294,7 +299,7 @@ main() {
         step sampling 150 "" -- "$PY" bench/sampling.py --device cuda --models SiT-B/2 SiT-XL/2 --steps 50 --batch 64
         step train-B 120 "" -- "$PY" bench/train_step.py --models SiT-B/2 --batch 256
         step train-XL 150 "" -- "$PY" bench/train_step.py --models SiT-XL/2 --batch 128
-        step extract 150 "$ex_header" -- "$PY" bench/extract.py throughput --full --device cuda --batch-size 256 \
+        step extract 180 "$ex_header" -- "$PY" bench/extract.py throughput --full --device cuda --batch-size 256 \
             --num-workers "$workers" --images 4096 --repeats 3
     fi
 

@@ -2,6 +2,7 @@
 `pipeline.store.Cache` (the same `read` / `meta` / `valid_indices` interface); the real-cache
 path is covered by test_train_loop.py."""
 
+import tracemalloc
 from types import SimpleNamespace
 
 import numpy as np
@@ -154,3 +155,26 @@ def test_a_rank_reads_about_its_share_of_the_window():
     first_window = len(cache.reads)
     loader.close()
     assert first_window <= 64 // 8 + 1, f"rank read {first_window} of 64 chunks for 1/8 of the rows"
+
+
+def test_a_rank_holds_about_one_window():
+    class Wide(ArrayCache):  # 4 KB per sample, so the window dominates the traced memory
+        def read(self, name, start, stop):
+            return np.repeat(self.x[start:stop, :1], 1000, axis=1)
+
+    cache = Wide(4096, 16)  # 4 windows of 1024 samples (4 MB each)
+    window_bytes = 1024 * 4000
+    take(CacheLoader(cache, ["x"], 64, window=1024), 1)  # first-use imports are not the loader's memory
+    loader = CacheLoader(cache, ["x"], 64, window=1024, prefetch=2)
+    tracemalloc.start()
+    try:
+        for _ in range(3 * 16):  # 3 windows, each batch dropped once checked
+            batch = next(loader)
+            assert torch.equal(batch["x"][:, 999], batch["index"].float())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        loader.close()
+        tracemalloc.stop()
+    # A window's rows kept while the next is read, or every decoded block of a window queued beside it
+    # (Executor.map), would each peak above 2 windows.
+    assert peak < 1.6 * window_bytes, f"peak {peak / window_bytes:.2f} windows"

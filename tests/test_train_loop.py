@@ -27,7 +27,7 @@ from reglue.pipeline.store import Cache
 from reglue.trainer.checkpoints import load_model
 from reglue.trainer.compressor_train import CompressorConfig, layer_norm_stats, train_compressor
 from reglue.trainer.data import CacheLoader, epoch_order, prepare_batch, required_arrays
-from reglue.trainer.loop import PAUSE_ENV, TrainConfig, train
+from reglue.trainer.loop import PAUSE_ENV, TrainConfig, train, xl_lam_warning
 from reglue.trainer.objective import get_method
 
 N, CHUNK, BATCH = 32, 8, 8
@@ -36,7 +36,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="session")
 def caches(tmp_path_factory):
-    """`bare`: straight from extract; `full`: plus a 2-epoch compressor and its compressed features."""
+    """`bare`: straight from extract; `full`: plus a compressor (2 epochs of 3 steps) and its compressed features."""
     root = tmp_path_factory.mktemp("train")
     rng = np.random.default_rng(0)
     for i in range(N):
@@ -48,7 +48,7 @@ def caches(tmp_path_factory):
                           layers_limit=N, chunk_size=CHUNK, batch_size=CHUNK, num_workers=0))
     full = str(root / "full.zarr")
     shutil.copytree(bare, full)
-    train_compressor(CompressorConfig(full, str(root / "compressor"), epochs=2, fill=True))
+    train_compressor(CompressorConfig(full, str(root / "compressor"), epochs=2, steps_per_epoch=3, fill=True))
     return {"bare": bare, "full": full, "compressor": root / "compressor"}
 
 
@@ -90,6 +90,8 @@ def test_compressor_files_and_filled_features(caches):
     assert encoder.model[0].in_channels == 4 * cache.meta.dino_dim and cache.meta.compressed_channels == 16
     report = json.loads((caches["compressor"] / "compressor.json").read_text())
     assert len(report["epoch_mse"]) == 2 and report["global_batch"] == N  # 4096 capped by the rows stored
+    # an epoch is steps_per_epoch steps, not one pass over the 32 rows (that would be 1 step)
+    assert report["steps"] == 6 and report["row_passes"] == 6.0
     stats = load_norm_stats(caches["compressor"] / "dino_mean_std_8_9_10_11_64.pth")
     with torch.no_grad():
         want = compress(encoder, torch.from_numpy(cache.read("layers", 0, 4)), stats)
@@ -104,6 +106,8 @@ def test_compressor_needs_layers_rows(caches, tmp_path):
     zarr.open_group(cache, mode="r+").attrs["reglue"] = {**meta, "layers_count": 0}
     with pytest.raises(ValueError, match="layers-limit"):
         train_compressor(CompressorConfig(cache, str(tmp_path / "c")))
+    with pytest.raises(ValueError, match="steps_per_epoch must be positive"):
+        CompressorConfig(cache, str(tmp_path / "c"), steps_per_epoch=0)
 
 
 # ---- the batch ----------------------------------------------------------------------------------
@@ -168,6 +172,23 @@ def test_a_method_needs_its_inputs_in_the_cache(caches, tmp_path):
     assert result.exit_code == 1 and "train-compressor" in result.output
 
 
+def test_xl_runs_with_features_warn_when_the_lambda_schedule_is_off(caches, tmp_path):
+    method = get_method("reglue")
+    warning = xl_lam_warning(config(caches["full"], tmp_path, model="SiT-XL/2"), method)
+    assert "250K" in warning and "--xl-lam-schedule" in warning and "\n" not in warning
+    assert xl_lam_warning(config(caches["full"], tmp_path, model="SiT-XL/2", xl_lam_schedule=True), method) is None
+    assert xl_lam_warning(config(caches["full"], tmp_path, model="SiT-B/2"), method) is None
+    assert xl_lam_warning(config(caches["full"], tmp_path, model="SiT-XL/2"), get_method("reg")) is None  # no features
+    args = cli_train(caches["bare"], tmp_path, "--method", "redi", "--model", "SiT-XL/4", "--window", "512",
+                     "--dry-run")[3:]
+    result = CliRunner().invoke(app, args)  # a later --model overrides cli_train's tiny one
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("warning: SiT-XL/4 with method redi") and "--xl-lam-schedule" in result.output
+    assert json.loads(result.output[result.output.index("{"):])["config"]["window"] == 512
+    result = CliRunner().invoke(app, [*args, "--xl-lam-schedule"])
+    assert result.exit_code == 0 and "warning" not in result.output
+
+
 # ---- resume, processes, faults -----------------------------------------------------------------
 
 def test_resume_after_sigkill_is_exact(caches, tmp_path):
@@ -210,7 +231,7 @@ def test_two_processes_equal_one(caches, tmp_path):
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(caches, tmp_path):
     cache = str(tmp_path / "nan.zarr")
     shutil.copytree(caches["full"], cache)
-    order, _ = epoch_order(Cache.open(cache).valid_indices(), CHUNK, 4096 // CHUNK, seed=0, epoch=0)
+    order, _ = epoch_order(Cache.open(cache).valid_indices(), CHUNK, TrainConfig.window // CHUNK, seed=0, epoch=0)
     zarr.open_group(cache, mode="r+")["vae_moments"][int(order[2 * BATCH])] = np.nan  # first sample of step 3
     with pytest.raises(FloatingPointError, match="non-finite loss at step 3.*step-0000002"):
         train(config(cache, tmp_path / "run", max_steps=6, ckpt_every=2))

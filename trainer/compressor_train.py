@@ -7,8 +7,10 @@ The reference computes both online from images (calc_norm_stats.py, train_compre
      dask over the Zarr array (blocks of rows, float64 sums), written in the official
      `dino_mean_std_<layers>_<resolution>.pth` format;
   2. the autoencoder: MSE reconstruction in the standardized space, Adam(lr 1e-3), CosineAnnealingLR
-     (T_max 100, eta_min 1e-4) stepped per epoch, 25 epochs, global batch 4096 (capped by the rows
-     stored), BatchNorm, fp32; saved as `compression_model.pth` (official format) after the last epoch;
+     (T_max 100, eta_min 1e-4) stepped per epoch, 25 epochs of 312 steps (the reference's ImageNet
+     epoch at global batch 4096, drawn from the stored rows however many they are), global batch 4096
+     (capped by the rows stored), BatchNorm, fp32; saved as `compression_model.pth` (official format)
+     after the last epoch;
   3. optionally (`fill=True`), `pipeline.extract.fill_compressed` adds the `compressed` features of
      every sample to the cache, which `reglue train --method reglue` needs.
 """
@@ -47,7 +49,11 @@ class CompressorConfig:
     out: str
     """Output folder: the norm stats, compression_model.pth, compressor.json."""
     epochs: int = 25
-    """Passes over the stored layers rows."""
+    """Epochs of `steps_per_epoch` optimizer steps (the reference's 25, train_compressor.py:321)."""
+    steps_per_epoch: int = 312
+    """Optimizer steps per epoch: the reference's ImageNet epoch at global batch 4096 (1,281,167 // 4096).
+    An epoch here is that many steps drawn from the stored rows, repeated as needed, so a subset (e.g.
+    77,312 rows, 18 batches) still gets the reference's ~7.8K steps; the LR schedule steps once per epoch."""
     global_batch: int = 4096
     """Rows per optimizer step over all processes (capped by the number of stored rows)."""
     lr: float = 1e-3
@@ -63,14 +69,16 @@ class CompressorConfig:
     seed: int = 0
     """Seed of the init and of the row order."""
     window: int = 4096
-    """Loader shuffle window in rows (see trainer.data)."""
+    """Loader shuffle window in rows, rounded to whole chunks (see trainer.data). Each process holds
+    ~window / processes rows of `layers` (1.5 MiB each at ViT-B, 256 px: ~6 GiB on one process)."""
     block_rows: int = 16
     """Layers rows per dask block for the norm stats (bounds their memory: rows x P x L*D x 8 bytes)."""
     fill: bool = False
     """Then fill the cache's `compressed` features with the new compressor (pipeline.extract.fill_compressed)."""
 
     def __post_init__(self):
-        for name in ("epochs", "global_batch", "t_max", "channels", "hidden", "window", "block_rows"):
+        for name in ("epochs", "steps_per_epoch", "global_batch", "t_max", "channels", "hidden", "window",
+                     "block_rows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
 
@@ -132,18 +140,19 @@ def train_compressor(cfg: CompressorConfig) -> Path:
     loader = CacheLoader(cache, ("layers",), batch, seed=cfg.seed, rank=accelerator.process_index,
                          world=accelerator.num_processes, window=cfg.window, rows=np.arange(m.layers_count),
                          local_reads=False)  # BatchNorm: each process's batch stays a random sample
-    steps_per_epoch = max(1, m.layers_count // batch)
+    # An epoch is the reference's step count, not a pass over the stored rows: a 77,312-row subset at batch
+    # 4096 would otherwise get 18 steps per epoch, 17x fewer than the reference's 312 (train_compressor.py).
     history = []
     for epoch in range(cfg.epochs):
         t0, total = time.perf_counter(), torch.zeros((), device=accelerator.device)
-        for _ in range(steps_per_epoch):
+        for _ in range(cfg.steps_per_epoch):
             loss = reconstruction_loss(model, next(loader)["layers"].to(accelerator.device), stats)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             total += loss.detach()
         schedule.step()
-        mean_loss = float(accelerator.reduce(total, "mean")) / steps_per_epoch  # one sync per epoch
+        mean_loss = float(accelerator.reduce(total, "mean")) / cfg.steps_per_epoch  # one sync per epoch
         history.append(mean_loss)
         accelerator.print(f"epoch {epoch + 1}/{cfg.epochs} mse {mean_loss:.5f} lr {schedule.get_last_lr()[0]:.3g} "
                           f"({time.perf_counter() - t0:.1f} s)")
@@ -155,8 +164,9 @@ def train_compressor(cfg: CompressorConfig) -> Path:
     if accelerator.is_main_process:
         save_compressor(path, accelerator.unwrap_model(model).cpu())
         (out / "compressor.json").write_text(json.dumps(
-            {"config": asdict(cfg), "channels": channels, "global_batch": batch, "steps_per_epoch": steps_per_epoch,
-             "epoch_mse": history, "norm_stats": stats_path.name, "cache": cfg.cache}, indent=2))
+            {"config": asdict(cfg), "channels": channels, "global_batch": batch,
+             "steps": cfg.epochs * cfg.steps_per_epoch, "row_passes": loader.epoch, "epoch_mse": history,
+             "norm_stats": stats_path.name, "cache": cfg.cache}, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

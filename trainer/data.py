@@ -12,19 +12,23 @@ of processes. Sorting within a batch changes nothing in the step (the gradient i
 has no batch statistics) but makes each rank's slice a narrow range of rows: with the stratified
 window, rank r reads only chunks [r, r+1) * window_chunks / world of each window (test_train_data.py).
 
-The trade-off of the window (`window` samples, rounded to whole chunks): a cache keeps its sources'
-order (ImageNet: sorted by class), so one chunk holds one or two classes and a batch mixes at most
-`window_chunks` chunks. A full random permutation (the reference's DataLoader shuffle) would mix the
-whole data set but needs one random read per sample, i.e. one whole compressed chunk read and decoded
-per sample (bench/loader.py measures it ~20x slower). The window reads each chunk once per epoch, as
-one contiguous span per chunk, and holds this rank's rows of one window in RAM (~window / world
-samples): a larger window mixes more classes per batch for more RAM and a longer first read.
+The trade-off of the window (`window` samples, rounded to whole chunks, at most the data set): a cache
+keeps its sources' order (ImageNet: sorted by class), so one chunk holds one or two classes and a batch
+mixes at most `window_chunks` chunks. A full random permutation (the reference's DataLoader shuffle)
+would mix the whole data set but needs one random read per sample, i.e. one whole compressed chunk read
+and decoded per sample (bench/loader.py measures it ~20x slower). The window reads each chunk once per
+epoch, as one contiguous span per chunk, and holds this rank's rows of one window in RAM (~window / world
+samples; the window is freed before the next is read): a larger window mixes more classes per batch
+(ImageNet at batch 256: 4096 -> ~63 classes per batch, the same ~65 over 16 batches; 65536 -> ~229 and
+~672; a full shuffle ~226 and ~984) for more RAM and a longer read before a window's first batch (the
+first step waits for it; later windows' reads overlap only the `prefetch` batches queued).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
@@ -67,9 +71,9 @@ def epoch_order(rows: np.ndarray, chunk_size: int, window_chunks: int, seed: int
 
 
 def read_rows(cache: Readable, names: Sequence[str], ids: np.ndarray, chunk_size: int,
-              pool: ThreadPoolExecutor | None = None) -> dict[str, np.ndarray]:
+              pool: ThreadPoolExecutor | None = None, ahead: int = 8) -> dict[str, np.ndarray]:
     """`{name: array[ids]}` read as one contiguous span per chunk touched (never one read per row),
-    the spans decoded in parallel by `pool` when given."""
+    the spans decoded in parallel by `pool` when given, at most `ahead` of them not yet copied."""
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
     cuts = np.flatnonzero(np.diff(sorted_ids // chunk_size)) + 1
@@ -77,11 +81,24 @@ def read_rows(cache: Readable, names: Sequence[str], ids: np.ndarray, chunk_size
     out = {}
     for name in names:
         read = lambda span, name=name: cache.read(name, int(span[1][0]), int(span[1][-1]) + 1)
-        for i, ((where, rows), block) in enumerate(zip(spans, (pool.map if pool else map)(read, spans))):
+        blocks = _map_ahead(pool, read, spans, ahead) if pool else map(read, spans)
+        for i, ((where, rows), block) in enumerate(zip(spans, blocks)):
             if i == 0:
                 out[name] = np.empty((len(ids), *block.shape[1:]), block.dtype)
             out[name][where] = block if len(rows) == len(block) else block[rows - rows[0]]  # one copy
     return out
+
+
+def _map_ahead(pool: ThreadPoolExecutor, fn, items: Sequence, ahead: int) -> Iterator:
+    """`pool.map(fn, items)` with at most `ahead` calls in flight or done but not yet consumed
+    (Executor.map submits every call at once, so a window's decoded blocks could pile up beside it)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 class CacheLoader:
@@ -159,7 +176,10 @@ class CacheLoader:
 
     def _rank_batches(self, start: int, pool: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
         """This rank's slices of the global batches from stream position `start` on, forever: per
-        window, one read of this rank's rows in it; a straddling batch is completed by the next."""
+        window, one read of this rank's rows in it; a straddling batch is completed by the next.
+
+        Batches are copies, and so is a straddling batch's part before the next read: a window's rows
+        are freed before the next window is read, so a rank holds ~window / world samples, not twice that."""
         B, b = self.global_batch, self.global_batch // self.world
         k = start // B
         open_batches: list[tuple[np.ndarray, list]] = []  # (slice positions, parts read so far)
@@ -167,19 +187,27 @@ class CacheLoader:
             while k * B < hi:
                 open_batches.append((self.rank_slice(k), []))
                 k += 1
-            wanted = [sel[(sel >= lo) & (sel < hi)] for sel, _ in open_batches]
-            positions = np.concatenate(wanted)
-            if len(positions):
-                ids = self.rows_at(positions)
-                rows = {**read_rows(self.cache, self.names, ids, self.chunk_size, pool), "index": ids}
-                cuts = np.cumsum([len(w) for w in wanted])[:-1]
-                pieces = zip(*(np.split(v, cuts) for v in rows.values()))
-                for (_, parts), pos, piece in zip(open_batches, wanted, pieces):
-                    if len(pos):
-                        parts.append((pos, dict(zip(rows, piece))))
+            self._read_window(lo, hi, open_batches, pool)
             while open_batches and sum(len(pos) for pos, _ in open_batches[0][1]) == b:
-                sel, parts = open_batches.pop(0)
-                yield parts[0][1] if len(parts) == 1 else _in_order(sel, parts)
+                yield _in_order(*open_batches.pop(0))
+            for _, parts in open_batches:  # views of this window's rows -> copies
+                parts[:] = [(pos, {name: v.copy() for name, v in part.items()}) for pos, part in parts]
+
+    def _read_window(self, lo: int, hi: int, open_batches: list[tuple[np.ndarray, list]],
+                     pool: ThreadPoolExecutor) -> None:
+        """Read this rank's rows at stream positions [lo, hi) in one pass and add each open batch's part
+        (views of one array per name)."""
+        wanted = [sel[(sel >= lo) & (sel < hi)] for sel, _ in open_batches]
+        positions = np.concatenate(wanted)
+        if not len(positions):
+            return
+        ids = self.rows_at(positions)
+        rows = {**read_rows(self.cache, self.names, ids, self.chunk_size, pool, 2 * self.threads), "index": ids}
+        cuts = np.cumsum([len(w) for w in wanted])[:-1]
+        pieces = zip(*(np.split(v, cuts) for v in rows.values()))
+        for (_, parts), pos, piece in zip(open_batches, wanted, pieces):
+            if len(pos):
+                parts.append((pos, dict(zip(rows, piece))))
 
     def _worker(self, start: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
@@ -225,7 +253,9 @@ class CacheLoader:
 
 
 def _in_order(sel: np.ndarray, parts: list[tuple[np.ndarray, dict]]) -> dict[str, np.ndarray]:
-    """Merge a straddling batch's parts (each in `sel` order) into `sel` order."""
+    """A batch's parts (each in `sel` order) merged into `sel` order, as new arrays."""
+    if len(parts) == 1:
+        return {k: v.copy() for k, v in parts[0][1].items()}
     got = np.concatenate([pos for pos, _ in parts])
     ranked = np.argsort(got)
     take = ranked[np.searchsorted(got[ranked], sel)]

@@ -121,8 +121,12 @@ class TrainConfig:
     """SDE steps of the FID sampler; its other settings are the paper's (trainer.sampling.SamplerConfig)."""
     fid_batch: int = 64
     """Samples per model batch per process during FID (eval.sh: 64; guidance doubles the forward batch)."""
-    window: int = 4096
-    """Loader shuffle window in samples, rounded to whole cache chunks (see trainer.data)."""
+    window: int = 65536
+    """Loader shuffle window in samples, rounded to whole cache chunks and capped by the data (see trainer.data).
+    ImageNet's class-sorted layout at batch 256: 65536 mixes ~229 classes per batch and ~672 over 16
+    batches (a full shuffle: ~226 and ~984; 4096: ~63 and ~65). RAM: each process holds ~window /
+    processes samples of the arrays it reads (~225 KB each for reglue: ~14 GB on 1 process, ~1.8 GB
+    per process on 8), and the first step waits for that first read."""
     prefetch: int = 4
     """Batches the loader thread reads ahead."""
     pca_samples: int = 4096
@@ -202,6 +206,16 @@ def make_plan(cfg: TrainConfig, cache: Cache, world: int) -> Plan:
     return Plan(method, model_kwargs, arrays, summary, world, per_rank, micro, per_rank // micro)
 
 
+def xl_lam_warning(cfg: TrainConfig, method: Method) -> str | None:
+    """One line when an XL run with feature channels leaves the reference's lambda schedule off: the reference
+    applies it to any model with "XL" in its name (train.py:349-354); here it is an explicit choice."""
+    if "XL" not in cfg.model or method.features == "none" or cfg.xl_lam_schedule:
+        return None
+    return (f"warning: {cfg.model} with method {method.name}: the reference halves the feature-loss weight lambda "
+            "at step 250K and quarters it at 500K for XL models (train.py:349-354); this run keeps lambda = 1. "
+            "Pass --xl-lam-schedule (TrainConfig.xl_lam_schedule=True) to match the reference.")
+
+
 # ---- the step counter and the per-micro-batch seed ----------------------------------------------
 
 class Progress:
@@ -242,6 +256,8 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     # 2. Cache and plan: every dimension from the cache's meta, the method and the preset.
     cache = Cache.open(cfg.cache)
     plan = make_plan(cfg, cache, accelerator.num_processes)
+    if warning := xl_lam_warning(cfg, plan.method):
+        say(warning)
     if dry_run:
         resolved = resolved_config(cfg, plan, count_parameters(cfg.model, **plan.model_kwargs))
         say(json.dumps(resolved, indent=2, default=str))
