@@ -115,7 +115,7 @@ def train_compressor_command(
     steps_per_epoch: int = typer.Option(312, help=("Steps per epoch, drawn from the stored rows (reference: its "
                                                    "ImageNet epoch at batch 4096, 312).")),
     global_batch: int = typer.Option(4096, help="Rows per step over all processes (capped by the rows stored)."),
-    window: int = typer.Option(4096, help="Shuffle window in rows (RAM: ~window/processes layers rows)."),
+    window: int = typer.Option(4096, help="Loader window in rows: the RAM (~window/processes layers rows)."),
     channels: int = typer.Option(16, help="Compressed channels (the SiT's feature channels)."),
     fill: bool = typer.Option(False, help="Then fill the cache's compressed features (as `reglue fill-compressed`)."),
     seed: int = typer.Option(0, help="Seed of the init and the row order."),

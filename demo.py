@@ -94,8 +94,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     say(3, "reglue train-compressor --fill (norm stats with dask, the conv autoencoder, compressed features)")
     compressor_dir = out / "compressor"
     if not Cache.open(cache).has("compressed"):
-        train_compressor(CompressorConfig(cache, str(compressor_dir), epochs=5, global_batch=16, hidden=32,
-                                          seed=cfg.seed, fill=True))
+        train_compressor(CompressorConfig(cache, str(compressor_dir), epochs=5, steps_per_epoch=3, global_batch=16,
+                                          hidden=32, seed=cfg.seed, fill=True))
 
     say(4, f"reglue train --method {cfg.method} --model SiT-tiny/2 ({cfg.steps} steps, fp32 on CPU)")
     run = out / "run"

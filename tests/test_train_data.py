@@ -178,3 +178,12 @@ def test_a_rank_holds_about_one_window():
     # A window's rows kept while the next is read, or every decoded block of a window queued beside it
     # (Executor.map), would each peak above 2 windows.
     assert peak < 1.6 * window_bytes, f"peak {peak / window_bytes:.2f} windows"
+
+
+def test_a_one_row_read_unit_shuffles_fully():
+    cache = ArrayCache(256, 64)  # 4 chunks of 64
+    chunked = take(CacheLoader(cache, ["x"], 32, window=32), 1)[0]["index"].numpy()
+    rowwise = take(CacheLoader(cache, ["x"], 32, window=32, chunk_size=1), 1)[0]["index"].numpy()
+    assert len(np.unique(chunked // 64)) == 1  # a window smaller than a chunk: one chunk's rows
+    assert len(np.unique(rowwise // 64)) == 4  # 32 random rows of all 256 (a seed missing a chunk: p < 1e-3)
+    assert all(start + 1 == stop for start, stop in cache.reads[-32:])  # one read per row

@@ -69,8 +69,9 @@ class CompressorConfig:
     seed: int = 0
     """Seed of the init and of the row order."""
     window: int = 4096
-    """Loader shuffle window in rows, rounded to whole chunks (see trainer.data). Each process holds
-    ~window / processes rows of `layers` (1.5 MiB each at ViT-B, 256 px: ~6 GiB on one process)."""
+    """Loader window in rows (see trainer.data). The store keeps `layers` one row per chunk, so the rows are
+    shuffled fully whatever its size; it sets the RAM: each process holds ~window / processes `layers` rows (1.5 MiB
+    each at ViT-B, 256 px: ~6 GiB on one process)."""
     block_rows: int = 16
     """Layers rows per dask block for the norm stats (bounds their memory: rows x P x L*D x 8 bytes)."""
     fill: bool = False
@@ -137,9 +138,13 @@ def train_compressor(cfg: CompressorConfig) -> Path:
     # Stepped once per epoch (train_compressor.py:246-247, 302).
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.t_max, eta_min=cfg.eta_min)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # BatchNorm: each process's batch stays a random sample (no per-batch sort). The layers rows are read
+    # in their own Zarr chunks (one row each), so every window is a random sample of all the rows: a full
+    # shuffle, as the reference's DistributedSampler(shuffle=True) (train_compressor.py:189-208), not
+    # 64 chunks of neighbouring rows (~60-100 classes) per batch; the window then only sets the RAM.
     loader = CacheLoader(cache, ("layers",), batch, seed=cfg.seed, rank=accelerator.process_index,
                          world=accelerator.num_processes, window=cfg.window, rows=np.arange(m.layers_count),
-                         local_reads=False)  # BatchNorm: each process's batch stays a random sample
+                         local_reads=False, chunk_size=cache.array("layers").chunks[0])
     # An epoch is the reference's step count, not a pass over the stored rows: a 77,312-row subset at batch
     # 4096 would otherwise get 18 steps per epoch, 17x fewer than the reference's 312 (train_compressor.py).
     history = []

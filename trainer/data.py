@@ -72,7 +72,8 @@ def epoch_order(rows: np.ndarray, chunk_size: int, window_chunks: int, seed: int
 
 def read_rows(cache: Readable, names: Sequence[str], ids: np.ndarray, chunk_size: int,
               pool: ThreadPoolExecutor | None = None, ahead: int = 8) -> dict[str, np.ndarray]:
-    """`{name: array[ids]}` read as one contiguous span per chunk touched (never one read per row),
+    """`{name: array[ids]}` read as one contiguous span per chunk touched (not one read per row, unless a
+    chunk is one row),
     the spans decoded in parallel by `pool` when given, at most `ahead` of them not yet copied."""
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
@@ -107,11 +108,14 @@ class CacheLoader:
     `rows` are the store rows to draw from (default: the cache's valid samples); `state_dict()` holds
     the position of the consumed batches (not the prefetched ones). `local_reads` sorts each global
     batch by row (see the module doc); turn it off for a model with batch statistics (BatchNorm),
-    whose per-process statistics would otherwise see a narrow range of rows."""
+    whose per-process statistics would otherwise see a narrow range of rows. `chunk_size` is the read
+    and shuffle unit in rows (default: the cache's chunk size); 1 makes every window a random sample of
+    all the rows, i.e. a full shuffle, for arrays stored one row per chunk (`layers`)."""
 
     def __init__(self, cache, names: Sequence[str], global_batch: int, *, seed: int = 0, rank: int = 0,
                  world: int = 1, window: int = 4096, prefetch: int = 4, threads: int = 4,
-                 rows: np.ndarray | None = None, pin_memory: bool = False, local_reads: bool = True):
+                 rows: np.ndarray | None = None, pin_memory: bool = False, local_reads: bool = True,
+                 chunk_size: int | None = None):
         if global_batch % world:
             raise ValueError(f"the global batch ({global_batch}) must be divisible by the number of "
                              f"processes ({world}); change --global-batch or the process count")
@@ -119,7 +123,7 @@ class CacheLoader:
         self.rows = np.sort(np.asarray(cache.valid_indices() if rows is None else rows, dtype=np.int64))
         if len(self.rows) == 0:
             raise ValueError("the cache has no valid samples to train on")
-        self.chunk_size = int(cache.meta.chunk_size)
+        self.chunk_size = int(chunk_size or cache.meta.chunk_size)
         self.window_chunks = max(1, window // self.chunk_size)
         self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world
         self.prefetch, self.threads, self.pin_memory, self.local_reads = prefetch, threads, pin_memory, local_reads

@@ -83,7 +83,8 @@ class TrainConfig:
     """EMA decay, applied after every optimizer step from step 1, starting from a copy."""
     xl_lam_schedule: bool = False
     """Apply the reference's hidden SiT-XL feature-loss schedule (lambda x0.5 from 250K, x0.25 from
-    500K; train.py:349-354), which it keys on "XL" in the model name. Off: lambda stays 1."""
+    500K; train.py:349-354), which it keys on "XL" in the model name. Off: lambda stays 1, and an XL
+    preset with feature channels prints a warning at start."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Autocast precision: bf16 (default), fp16 with a GradScaler (the reference's), or fp32."""
     tf32: bool = True
