@@ -158,8 +158,8 @@ def train_command(
     precision: str = typer.Option("bf16", help="bf16 | fp16 (GradScaler, the reference's) | fp32."),
     compile: bool = typer.Option(False, help="torch.compile the SiT."),
     lr: float = typer.Option(1e-4, help="AdamW learning rate (constant)."),
-    window: int = typer.Option(65536, help=("Loader shuffle window in samples (RAM: ~window/processes samples, "
-                                            "~225 KB each for reglue).")),
+    window: int = typer.Option(65536, help=("Loader shuffle window in samples (RAM: ~2*window/processes "
+                                            "samples, ~225 KB each for reglue; the next window is read ahead).")),
     xl_lam_schedule: bool = typer.Option(False, help=("The reference's hidden SiT-XL lambda schedule "
                                                       "(x0.5 at 250K, x0.25 at 500K).")),
     seed: int = typer.Option(0, help="Seed of init, data order and every draw."),

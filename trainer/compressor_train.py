@@ -141,10 +141,13 @@ def train_compressor(cfg: CompressorConfig) -> Path:
     # BatchNorm: each process's batch stays a random sample (no per-batch sort). The layers rows are read
     # in their own Zarr chunks (one row each), so every window is a random sample of all the rows: a full
     # shuffle, as the reference's DistributedSampler(shuffle=True) (train_compressor.py:189-208), not
-    # 64 chunks of neighbouring rows (~60-100 classes) per batch; the window then only sets the RAM.
+    # 64 chunks of neighbouring rows (~60-100 classes) per batch; the window then only sets the RAM. No
+    # read-ahead: a window is about one step's batch (4096 rows each by default), so the `prefetch` queue
+    # already reads whole windows ahead and one more would only add its RAM.
     loader = CacheLoader(cache, ("layers",), batch, seed=cfg.seed, rank=accelerator.process_index,
                          world=accelerator.num_processes, window=cfg.window, rows=np.arange(m.layers_count),
-                         local_reads=False, chunk_size=cache.array("layers").chunks[0])
+                         local_reads=False, chunk_size=cache.array("layers").chunks[0], read_ahead=False,
+                         prefetch=1)  # one step's rows are 1.5 MiB each (6 GiB per 4096 on one process)
     # An epoch is the reference's step count, not a pass over the stored rows: a 77,312-row subset at batch
     # 4096 would otherwise get 18 steps per epoch, 17x fewer than the reference's 312 (train_compressor.py).
     history = []

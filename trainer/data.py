@@ -17,11 +17,12 @@ keeps its sources' order (ImageNet: sorted by class), so one chunk holds one or 
 mixes at most `window_chunks` chunks. A full random permutation (the reference's DataLoader shuffle)
 would mix the whole data set but needs one random read per sample, i.e. one whole compressed chunk read
 and decoded per sample (bench/loader.py measures it ~20x slower). The window reads each chunk once per
-epoch, as one contiguous span per chunk, and holds this rank's rows of one window in RAM (~window / world
-samples; the window is freed before the next is read): a larger window mixes more classes per batch
-(ImageNet at batch 256: 4096 -> ~63 classes per batch, the same ~65 over 16 batches; 65536 -> ~229 and
-~672; a full shuffle ~226 and ~984) for more RAM and a longer read before a window's first batch (the
-first step waits for it; later windows' reads overlap only the `prefetch` batches queued).
+epoch, as one contiguous span per chunk, and holds this rank's rows of two windows in RAM (~2 * window /
+world samples: the window being trained on and the next, read meanwhile; one with `read_ahead=False`): a
+larger window mixes more classes per batch (ImageNet at batch 256: 4096 -> ~63 classes per batch, the same
+~65 over 16 batches; 65536 -> ~229 and ~672; a full shuffle ~226 and ~984) for more RAM and a longer read
+before the first batch (the first step waits for the first window; later windows are read while the
+previous one trains, so a window's read stalls training only where it takes longer than training on it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -71,17 +73,23 @@ def epoch_order(rows: np.ndarray, chunk_size: int, window_chunks: int, seed: int
 
 
 def read_rows(cache: Readable, names: Sequence[str], ids: np.ndarray, chunk_size: int,
-              pool: ThreadPoolExecutor | None = None, ahead: int = 8) -> dict[str, np.ndarray]:
+              pool: ThreadPoolExecutor | None = None, ahead: int = 8,
+              stop: threading.Event | None = None) -> dict[str, np.ndarray]:
     """`{name: array[ids]}` read as one contiguous span per chunk touched (not one read per row, unless a
     chunk is one row),
-    the spans decoded in parallel by `pool` when given, at most `ahead` of them not yet copied."""
+    the spans decoded in parallel by `pool` when given, at most `ahead` of them not yet copied. Once `stop`
+    is set the remaining spans are not read (CancelledError), so that closing a loader does not wait for a
+    whole window's read."""
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
     cuts = np.flatnonzero(np.diff(sorted_ids // chunk_size)) + 1
     spans = list(zip(np.split(order, cuts), np.split(sorted_ids, cuts)))
     out = {}
     for name in names:
-        read = lambda span, name=name: cache.read(name, int(span[1][0]), int(span[1][-1]) + 1)
+        def read(span, name=name):
+            if stop is not None and stop.is_set():
+                raise CancelledError("the loader was closed")
+            return cache.read(name, int(span[1][0]), int(span[1][-1]) + 1)
         blocks = _map_ahead(pool, read, spans, ahead) if pool else map(read, spans)
         for i, ((where, rows), block) in enumerate(zip(spans, blocks)):
             if i == 0:
@@ -102,6 +110,15 @@ def _map_ahead(pool: ThreadPoolExecutor, fn, items: Sequence, ahead: int) -> Ite
         yield pending.popleft().result()
 
 
+def _one_ahead(items: Iterator, executor: ThreadPoolExecutor) -> Iterator:
+    """The endless iterator `items`, its next item computed by `executor` (one thread) while the caller
+    uses the current one: double buffering, at most one item ahead."""
+    future = executor.submit(next, items)
+    while True:
+        current, future = future, executor.submit(next, items)  # runs once `current` is done
+        yield current.result()
+
+
 class CacheLoader:
     """Batches `{name: tensor[b, ...], "index": int64[b]}` of this rank, produced by a background thread.
 
@@ -110,12 +127,15 @@ class CacheLoader:
     batch by row (see the module doc); turn it off for a model with batch statistics (BatchNorm),
     whose per-process statistics would otherwise see a narrow range of rows. `chunk_size` is the read
     and shuffle unit in rows (default: the cache's chunk size); 1 makes every window a random sample of
-    all the rows, i.e. a full shuffle, for arrays stored one row per chunk (`layers`)."""
+    all the rows, i.e. a full shuffle, for arrays stored one row per chunk (`layers`). `read_ahead` reads
+    the next window while the current one's batches are used, so that training does not stall for a
+    window's read at every window boundary, for twice the RAM (two windows of rows, not one); the batches
+    are the same either way."""
 
     def __init__(self, cache, names: Sequence[str], global_batch: int, *, seed: int = 0, rank: int = 0,
                  world: int = 1, window: int = 4096, prefetch: int = 4, threads: int = 4,
                  rows: np.ndarray | None = None, pin_memory: bool = False, local_reads: bool = True,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, read_ahead: bool = True):
         if global_batch % world:
             raise ValueError(f"the global batch ({global_batch}) must be divisible by the number of "
                              f"processes ({world}); change --global-batch or the process count")
@@ -127,6 +147,7 @@ class CacheLoader:
         self.window_chunks = max(1, window // self.chunk_size)
         self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world
         self.prefetch, self.threads, self.pin_memory, self.local_reads = prefetch, threads, pin_memory, local_reads
+        self.read_ahead = read_ahead
         self.position = 0  # stream samples consumed, a multiple of global_batch
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._thread: threading.Thread | None = None
@@ -178,58 +199,62 @@ class CacheLoader:
                     yield max(epoch * n + lo, start), epoch * n + hi
             epoch += 1
 
-    def _rank_batches(self, start: int, pool: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
+    def _rank_batches(self, start: int, pool: ThreadPoolExecutor, stop: threading.Event,
+                      ahead: ThreadPoolExecutor | None) -> Iterator[dict[str, np.ndarray]]:
         """This rank's slices of the global batches from stream position `start` on, forever: per
-        window, one read of this rank's rows in it; a straddling batch is completed by the next.
+        window, one read of this rank's rows in it, by `ahead` while the previous window's batches are
+        used when given; a straddling batch is completed by the next window.
 
-        Batches are copies, and so is a straddling batch's part before the next read: a window's rows
-        are freed before the next window is read, so a rank holds ~window / world samples, not twice that."""
-        B, b = self.global_batch, self.global_batch // self.world
-        k = start // B
-        open_batches: list[tuple[np.ndarray, list]] = []  # (slice positions, parts read so far)
-        for lo, hi in self._windows(start):
-            while k * B < hi:
-                open_batches.append((self.rank_slice(k), []))
+        Batches are copies, and so is a straddling batch's part once its window is used: a window's rows
+        are freed once its batches are out, so a rank holds ~window / world samples without `ahead`, and
+        with it ~twice that (the window in use and the next, being read)."""
+        k = start // self.global_batch
+        b = self.global_batch // self.world
+        waiting: dict[int, tuple[np.ndarray, list]] = {}  # batch -> (this rank's slice, parts read so far)
+        windows = (self._read_window(lo, hi, pool, stop) for lo, hi in self._windows(start))
+        for window in _one_ahead(windows, ahead) if ahead else windows:
+            for j, sel, pos, part in window:
+                waiting.setdefault(j, (sel, []))[1].append((pos, part))
+            window = part = None  # only `waiting` refers to this window's rows now
+            while k in waiting and sum(len(pos) for pos, _ in waiting[k][1]) == b:
+                yield _in_order(*waiting.pop(k))
                 k += 1
-            self._read_window(lo, hi, open_batches, pool)
-            while open_batches and sum(len(pos) for pos, _ in open_batches[0][1]) == b:
-                yield _in_order(*open_batches.pop(0))
-            for _, parts in open_batches:  # views of this window's rows -> copies
+            for _, parts in waiting.values():  # views of this window's rows -> copies, freeing the window
                 parts[:] = [(pos, {name: v.copy() for name, v in part.items()}) for pos, part in parts]
 
-    def _read_window(self, lo: int, hi: int, open_batches: list[tuple[np.ndarray, list]],
-                     pool: ThreadPoolExecutor) -> None:
-        """Read this rank's rows at stream positions [lo, hi) in one pass and add each open batch's part
-        (views of one array per name)."""
-        wanted = [sel[(sel >= lo) & (sel < hi)] for sel, _ in open_batches]
+    def _read_window(self, lo: int, hi: int, pool: ThreadPoolExecutor,
+                     stop: threading.Event) -> list[tuple[int, np.ndarray, np.ndarray, dict]]:
+        """This rank's rows at stream positions [lo, hi), read in one pass, as (batch k, this rank's slice
+        of it, the slice's positions in [lo, hi), their rows: views of one array per name) for every
+        batch with rows in it."""
+        B = self.global_batch
+        ks = range(lo // B, -(-hi // B))
+        sels = [self.rank_slice(k) for k in ks]
+        wanted = [sel[(sel >= lo) & (sel < hi)] for sel in sels]
         positions = np.concatenate(wanted)
         if not len(positions):
-            return
+            return []
         ids = self.rows_at(positions)
-        rows = {**read_rows(self.cache, self.names, ids, self.chunk_size, pool, 2 * self.threads), "index": ids}
+        rows = {**read_rows(self.cache, self.names, ids, self.chunk_size, pool, 2 * self.threads, stop),
+                "index": ids}
         cuts = np.cumsum([len(w) for w in wanted])[:-1]
         pieces = zip(*(np.split(v, cuts) for v in rows.values()))
-        for (_, parts), pos, piece in zip(open_batches, wanted, pieces):
-            if len(pos):
-                parts.append((pos, dict(zip(rows, piece))))
+        return [(k, sel, pos, dict(zip(rows, piece)))
+                for k, sel, pos, piece in zip(ks, sels, wanted, pieces) if len(pos)]
 
     def _worker(self, start: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="reglue-read") as pool:
-                for batch in self._rank_batches(start, pool):
+            # Exits in reverse order: the read-ahead thread (a read stops at `stop`) before the pool it uses.
+            reader = ThreadPoolExecutor(1, thread_name_prefix="reglue-read-ahead") if self.read_ahead else None
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="reglue-read") as pool, reader or nullcontext():
+                for batch in self._rank_batches(start, pool, stop, reader):
                     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
                     if self.pin_memory:
                         tensors = {k: v.pin_memory() for k, v in tensors.items()}
-                    while not stop.is_set():
-                        try:
-                            out.put(tensors, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not _offer(out, tensors, stop):
                         return
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            out.put(e)
+        except BaseException as e:  # handed to the consumer, which re-raises it (unless it closed us)
+            _offer(out, e, stop)
 
     def __iter__(self) -> CacheLoader:
         return self
@@ -254,6 +279,17 @@ class CacheLoader:
             self._stop.set()
             self._thread.join()
             self._thread = None
+
+
+def _offer(out: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put `item` in `out` unless `stop` is set first (a full queue whose consumer has closed the loader)."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def _in_order(sel: np.ndarray, parts: list[tuple[np.ndarray, dict]]) -> dict[str, np.ndarray]:

@@ -125,9 +125,10 @@ class TrainConfig:
     window: int = 65536
     """Loader shuffle window in samples, rounded to whole cache chunks and capped by the data (see trainer.data).
     ImageNet's class-sorted layout at batch 256: 65536 mixes ~229 classes per batch and ~672 over 16
-    batches (a full shuffle: ~226 and ~984; 4096: ~63 and ~65). RAM: each process holds ~window /
-    processes samples of the arrays it reads (~225 KB each for reglue: ~14 GB on 1 process, ~1.8 GB
-    per process on 8), and the first step waits for that first read."""
+    batches (a full shuffle: ~226 and ~984; 4096: ~63 and ~65). RAM: each process holds ~2 x window /
+    processes samples of the arrays it reads, the window being trained on and the next, read meanwhile
+    (~225 KB each for reglue: ~28 GB on 1 process, ~3.6 GB per process on 8); the first step waits for
+    the first window's read."""
     prefetch: int = 4
     """Batches the loader thread reads ahead."""
     pca_samples: int = 4096
