@@ -122,7 +122,7 @@ install_wheels() {
     fi
     local installer=$PY
     if [[ $SMOKE == 1 ]]; then
-        installer=${GPU_SH_PY312:-$(ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1)}
+        installer=${GPU_SH_PY312:-$(command -v python3.12 || true)}
         if [[ -z $installer ]] || ! "$installer" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
             echo "smoke mode: no CPython 3.12 here (set GPU_SH_PY312): the cp312 install is NOT checked"
             installer=
