@@ -31,6 +31,7 @@ from reglue import weights
 from reglue.pipeline.compressor import EncoderDecoder, NormStats, compress
 from reglue.pipeline.encoders import preprocess_dino
 from reglue.trainer.data import CacheLoader, prepare_batch, required_arrays
+from reglue.trainer.draws import Draws
 from reglue.trainer.ema import EMA
 from reglue.trainer.loop import Plan, train_step
 from reglue.trainer.models import SiT, preset_kwargs
@@ -51,14 +52,14 @@ def online_features(dims: dict, device: torch.device, images: torch.Tensor):
     h = dims["latent_size"]
 
     @torch.no_grad()
-    def make_batch(raw: dict) -> Batch:
+    def make_batch(raw: dict, draws: Draws) -> Batch:
         x = preprocess_dino(images[raw["index"].to(device) % len(images)], dino_size)  # [B,3,224,224]
         outs = dino.get_intermediate_layers(x, n=LAYERS, reshape=False, return_prefix_tokens=True, norm=True)
         patches, prefix = outs[-1]
         cls = prefix[:, 0].float()
         features = compress(encoder, torch.cat([p for p, _ in outs], dim=-1), stats).float()  # [B,c,g,g]
         mean, std = raw["vae_moments"].to(device).float().chunk(2, dim=1)
-        return Batch(latent=(mean + std * torch.randn_like(mean)) * 0.18215, labels=raw["labels"].to(device),
+        return Batch(latent=(mean + std * draws.posterior(mean)) * 0.18215, labels=raw["labels"].to(device),
                      features=F.interpolate(features, size=(h, h), mode="bilinear", align_corners=False),
                      cls=cls, repa_target=torch.cat([cls[:, None], patches.float()], dim=1))
 
@@ -89,7 +90,7 @@ def bench(accelerator, cache, dims, preset: str, feed: str, batch: int, steps: i
     bare = accelerator.unwrap_model(model, keep_torch_compile=False)
     if feed == "cache":
         names = required_arrays(method, cache)
-        make_batch = lambda raw: prepare_batch(raw, method, m, device)
+        make_batch = lambda raw, draws: prepare_batch(raw, method, m, device, draws=draws)
     else:
         names = ("vae_moments", "labels")
         images = torch.randint(0, 256, (min(batch, 512), 3, m.resolution, m.resolution), dtype=torch.uint8,

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from golden import Case, runner
+from golden import Case, Replay, runner
 
 from reglue.pipeline.compressor import EncoderDecoder
 from reglue.trainer.models import SiT, build_sit, sit_kwargs_from_reference
-from reglue.trainer.objective import Batch, Draws, get_method, loss_terms, per_sample_losses
+from reglue.trainer.objective import Batch, get_method, loss_terms, per_sample_losses, reference_lam_schedule
 
 
 @pytest.fixture(autouse=True)
@@ -48,22 +48,38 @@ def sit_forward(case: Case) -> None:
     close(cls, case, "cls")
 
 
+def reference_method(in_channels: int, args: dict, loss_kwargs: dict):
+    """The reglue Method of a reference run: REGLUE with the run's feature channels (the input channels
+    after the reference's 4 latent ones, train.py:169), loss weights, path, weighting and lambda schedule
+    (the XL rule by the model name, train.py:349-354)."""
+    assert loss_kwargs.get("prediction", "v") == "v", "the reference supports v-prediction only (loss.py:79-83)"
+    return get_method("reglue", feature_channels=in_channels - REFERENCE_LATENT_CHANNELS,
+                      lam_schedule=reference_lam_schedule(args["model"], args["lam"]), w_cls=args["cls"],
+                      w_proj=args["proj_coeff"], path=loss_kwargs.get("path_type", "linear"),
+                      weighting=loss_kwargs.get("weighting", "uniform"))
+
+
+REFERENCE_LATENT_CHANNELS = 4  # loss.py:89-90 and train.py:169 hard-code the SD-VAE's 4 channels
+
+
 @runner("siloss")
 def siloss(case: Case) -> None:
-    model = reference_sit(case.meta["model"]["constructor_kwargs"], case.sibling("sit_forward").state())
+    model = reference_sit(case.meta["model"]["constructor_kwargs"], case.model_state())
     x = inputs(case)
-    args = case.meta["combination"]["args"]
-    if "XL" in args["model"]:  # the reference's name-keyed schedule, made explicit (train.py:349-354)
-        raise NotImplementedError("siloss cases of an XL run need lam_schedule=XL_LAM_SCHEDULE")
-    zc = 4  # the reference's latent channels (loss.py:89)
-    method = get_method("reglue", feature_channels=x["images"].shape[1] - zc, lam_schedule=((0, args["lam"]),),
-                        w_cls=args["cls"], w_proj=args["proj_coeff"])
+    combination = case.meta["combination"]
+    args = combination["args"]
+    method = reference_method(x["images"].shape[1], args, case.meta["loss_constructor"]["kwargs"])
+    if "effective_lambda" in combination:
+        assert method.lam(args["global_step"]) == combination["effective_lambda"], (method, args)
+    zc = REFERENCE_LATENT_CHANNELS
     batch = Batch(latent=x["images"][:, :zc], features=x["images"][:, zc:], cls=x["cls_token"],
                   repa_target=x["zs_target"], labels=x["labels"])
-    draws = Draws(x["t"], x["noises"], x["noises_cls"])
+    replay = lambda: Replay(case.meta["random_draws"]["order"], case.tensors.__getitem__)  # noqa: E731
     with torch.no_grad():
-        per = per_sample_losses(model, batch, draws)
-        terms = loss_terms(model, batch, method, args["global_step"], draws)
+        per = per_sample_losses(model, batch, method, draws := replay())
+        draws.finished()
+        terms = loss_terms(model, batch, method, args["global_step"], draws := replay())
+        draws.finished()
     for ours, theirs in (("latent", "denoising_loss"), ("feature", "dino_loss"), ("cls", "denoising_loss_cls"),
                          ("proj", "proj_loss")):
         close(per[ours], case, theirs)

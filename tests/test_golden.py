@@ -7,6 +7,7 @@ import golden
 import golden_models  # noqa: F401  (registers runners)
 import golden_pipeline  # noqa: F401
 import golden_sampling  # noqa: F401
+import golden_train  # noqa: F401
 import pytest
 
 FOLDERS = golden.case_folders()

@@ -4,8 +4,9 @@ import pytest
 import torch
 from golden_models import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
+from reglue.trainer.draws import Draws
 from reglue.trainer.models import build_sit
-from reglue.trainer.objective import METHODS, XL_LAM_SCHEDULE, Batch, Method, draw, get_method, loss_terms, sit_io
+from reglue.trainer.objective import METHODS, XL_LAM_SCHEDULE, Batch, Method, get_method, loss_terms, sit_io
 
 DINO, H, ZC = 16, 8, 4  # tiny DINO width, latent side (4 x 4 tokens) and latent channels
 
@@ -45,16 +46,64 @@ def make_batch(method: Method, batch_size: int = 4) -> Batch:
                  repa_target=torch.randn(batch_size, tokens, DINO, generator=g) if method.repa else None)
 
 
-def test_draws_follow_the_reference_order():
-    batch = make_batch(METHODS["reglue"])
+class Recorded(Draws):
+    """The production draws, recorded by role."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _keep(self, role, value):
+        self.calls.append((role, value))
+        return value
+
+    def posterior(self, mean):
+        return self._keep("posterior", super().posterior(mean))
+
+    def time(self, shape):
+        return self._keep("time", super().time(shape))
+
+    def time_normal(self, shape):
+        return self._keep("time_normal", super().time_normal(shape))
+
+    def noise(self, x):
+        return self._keep("noise", super().noise(x))
+
+    def noise_cls(self, cls):
+        return self._keep("noise_cls", super().noise_cls(cls))
+
+    def label_drop(self, labels):
+        return self._keep("label_drop", super().label_drop(labels))
+
+
+def test_the_step_draws_in_the_reference_order_from_the_global_rng():
+    """prepare_batch + loss_terms (model in train()) make the reference's calls on the global RNG, in its
+    order: randn_like(mean) (train.py:57), rand((B,1,1,1)) (loss.py:59), randn_like(x), randn_like(cls)
+    (loss.py:72-73), rand(B) in the label dropout (sit.py:88)."""
+    from types import SimpleNamespace
+
+    from reglue.trainer.data import batch_from_rows
+
+    method = METHODS["reglue"]
+    model = build_sit("SiT-tiny/2", num_classes=4, **sit_io(method, latent_channels=ZC, latent_size=H, dino_dim=DINO,
+                                                            compressed_channels=16)).train()
+    g = torch.Generator().manual_seed(1)
+    rows = {"vae_moments": torch.rand(4, 2 * ZC, H, H, generator=g), "labels": torch.arange(4),
+            "cls": torch.randn(4, DINO, generator=g), "patches": torch.randn(4, (H // 2) ** 2, DINO, generator=g),
+            "compressed": torch.randn(4, 16, H // 2, H // 2, generator=g)}
+    meta = SimpleNamespace(vae_scaling_factor=0.18215, num_classes=4, latent_size=H)
+    recorded = Recorded()
     torch.manual_seed(7)
-    d = draw(batch)
+    loss_terms(model, batch_from_rows(rows, method, meta, draws=recorded), method, 0, recorded)
     torch.manual_seed(7)
-    t = torch.rand((4, 1, 1, 1))
-    noise = torch.randn(4, ZC + 16, H, H)
-    noise_cls = torch.randn(4, DINO)
-    for a, b in ((d.t, t), (d.noise, noise), (d.noise_cls, noise_cls)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    reference = [torch.randn(4, ZC, H, H), torch.rand((4, 1, 1, 1)), torch.randn(4, ZC + 16, H, H),
+                 torch.randn(4, DINO), torch.rand(4)]
+    assert [role for role, _ in recorded.calls] == ["posterior", "time", "noise", "noise_cls", "label_drop"]
+    for (role, ours), theirs in zip(recorded.calls, reference):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=role)
+    lognormal = get_method("reglue", weighting="lognormal")  # loss.py:62 draws randn for log sigma instead
+    recorded.calls.clear()
+    loss_terms(model, batch_from_rows(rows, lognormal, meta, draws=recorded), lognormal, 0, recorded)
+    assert [role for role, _ in recorded.calls][:3] == ["posterior", "time_normal", "noise"]
 
 
 def test_batch_must_match_the_method():
@@ -75,11 +124,11 @@ def test_loss_decreases_when_overfitting_one_batch(name):
                       **sit_io(method, latent_channels=ZC, latent_size=H, dino_dim=DINO,
                                compressed_channels=method.feature_channels))
     batch = make_batch(method)
-    draws = draw(batch)  # fixed t and noise: a deterministic regression target
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0)
     history = []
     for step in range(40):
-        terms = loss_terms(model, batch, method, step, draws)
+        torch.manual_seed(1)  # the same t and noise every step: a deterministic regression target
+        terms = loss_terms(model, batch, method, step)
         opt.zero_grad()
         terms["loss"].backward()
         opt.step()

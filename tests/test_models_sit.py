@@ -71,8 +71,26 @@ def test_label_dropout_uses_the_null_class_in_train_mode_only():
 def test_reference_kwargs_mapping():
     kw = sit_kwargs_from_reference(dict(hidden_size=40, decoder_hidden_size=40, z_dims=[32], fused_attn=False,
                                         qk_norm=False, path_type="linear", use_cfg=True))
-    assert kw == dict(hidden_size=40, z_dims=(32,), cls_dim=32)
-    with pytest.raises(ValueError, match="qk_norm"):
-        sit_kwargs_from_reference(dict(qk_norm=True))
+    assert kw == dict(hidden_size=40, z_dims=(32,), cls_dim=32, qk_norm=False)
     with pytest.raises(ValueError, match="decoder_hidden_size"):
         sit_kwargs_from_reference(dict(hidden_size=384, decoder_hidden_size=768))
+
+
+def test_qk_norm_is_timms_attention_with_layer_norm():
+    """qk_norm=True (sit.py:113-115): timm's Attention(qk_norm=True) with the nn.LayerNorm of the timm the
+    reference pins; same keys, same output."""
+    from timm.layers import Attention as TimmAttention
+
+    from reglue.trainer.models import Attention
+
+    torch.manual_seed(0)
+    theirs = TimmAttention(32, num_heads=4, qkv_bias=True, qk_norm=True, norm_layer=torch.nn.LayerNorm).eval()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p)
+    ours = Attention(32, 4, qk_norm=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    keys = tiny(qk_norm=True).state_dict().keys()
+    assert "blocks.0.attn.q_norm.weight" in keys and "blocks.0.attn.k_norm.bias" in keys
+    assert not any("q_norm" in k for k in tiny().state_dict())

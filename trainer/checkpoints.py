@@ -25,7 +25,7 @@ import torch
 
 from reglue.pipeline.compressor import atomic_save, safe_load
 from reglue.trainer.models import SiT, preset_kwargs, sit_kwargs_from_reference
-from reglue.trainer.objective import XL_LAM_SCHEDULE, Method, get_method
+from reglue.trainer.objective import Method, get_method, reference_lam_schedule
 
 FORMAT = "reglue"
 FORMAT_VERSION = 1
@@ -139,10 +139,10 @@ def _official_config(args: argparse.Namespace, ema: dict) -> tuple[dict, Method,
     layers = [int(x) for x in layers.split(",")] if isinstance(layers, str) else layers
     hidden = int(str(a["encoder_channel_list"]).split(",")[1])
     # The run's lambda: the reference applies its XL schedule when "XL" is in the model name (train.py:349-354).
-    schedule = XL_LAM_SCHEDULE if "XL" in a["model"] else ((0, 1.0),)
     method = get_method("reglue", feature_channels=a["feat_channels"], layers=tuple(layers), compressor_hidden=hidden,
-                        lam_schedule=tuple((s, v * a["lam"]) for s, v in schedule), w_cls=a["cls"],
-                        w_proj=a["proj_coeff"])
+                        lam_schedule=reference_lam_schedule(a["model"], a["lam"]), w_cls=a["cls"],
+                        w_proj=a["proj_coeff"], path=a.get("path_type", "linear"),
+                        weighting=a.get("weighting", "uniform"))
     meta = {"resolution": a["resolution"], "vae_scaling_factor": 0.18215, "latent_channels": 4, "official_args": a}
     return kwargs, method, meta
 

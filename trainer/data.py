@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from reglue.pipeline.store import decode_patches
+from reglue.trainer.draws import RANDOM, Draws
 from reglue.trainer.objective import Batch, Method
 
 if TYPE_CHECKING:
@@ -328,22 +329,38 @@ def required_arrays(method: Method, cache) -> tuple[str, ...]:
 
 
 def prepare_batch(raw: dict[str, torch.Tensor], method: Method, meta, device: torch.device,
-                  pca: PCA | None = None) -> Batch:
-    """Raw stored rows -> the objective's Batch on `device`, in the model's units.
+                  pca: PCA | None = None, draws: Draws = RANDOM) -> Batch:
+    """Raw stored rows -> the objective's Batch on `device`, in the model's units: the stored encodings
+    decoded (`decode_rows`), then `batch_from_rows`, which draws the VAE posterior sample from `draws`."""
+    return batch_from_rows(decode_rows(raw, device), method, meta, pca, draws)
 
-    Draws the VAE posterior sample with the global RNG of `device` (the loop seeds it per micro-batch)."""
-    get = lambda name: raw[name].to(device, non_blocking=True)
-    mean, std = get("vae_moments").float().chunk(2, dim=1)  # (B, zc, h, h) each
+
+def decode_rows(raw: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Stored rows on `device` with the patch tokens decoded to float32 (`patches` [B, P, D]); the other
+    arrays as stored (fp16 moments and compressed features are upcast where they are used)."""
+    rows = {k: v.to(device, non_blocking=True) for k, v in raw.items() if k not in (*PATCH_ARRAYS, "index")}
+    if "patches" in raw:
+        rows["patches"] = decode_patches(raw["patches"].to(device, non_blocking=True),
+                                         raw["patches_scale"].to(device, non_blocking=True))  # (B, P, D)
+    return rows
+
+
+def batch_from_rows(rows: dict[str, torch.Tensor], method: Method, meta, pca: PCA | None = None,
+                    draws: Draws = RANDOM) -> Batch:
+    """Decoded rows (`decode_rows`: vae_moments, labels, and cls / patches / compressed as the method
+    reads them) -> the Batch train.py:290-340 builds. `meta` gives vae_scaling_factor, num_classes and
+    latent_size (a cache's meta)."""
+    mean, std = rows["vae_moments"].float().chunk(2, dim=1)  # (B, zc, h, h) each
     # A fresh posterior sample every step, then the SD scaling factor (reference train.py:52-59, 184-189).
-    latent = (mean + std * torch.randn_like(mean)) * meta.vae_scaling_factor
-    labels = get("labels").long()
+    latent = (mean + std * draws.posterior(mean)) * meta.vae_scaling_factor
+    labels = rows["labels"].long()
     labels = torch.where(labels < 0, meta.num_classes, labels)  # unlabelled -> the null class id
     h = meta.latent_size
-    cls = get("cls").float() if "cls" in raw else None  # (B, D)
-    patches = decode_patches(get("patches"), get("patches_scale")) if "patches" in raw else None  # (B, P, D)
+    cls = rows["cls"].float() if "cls" in rows else None  # (B, D)
+    patches = rows.get("patches")  # (B, P, D)
     features = None
     if method.features == "compressed":
-        features = get("compressed").float()  # (B, c, g, g)
+        features = rows["compressed"].float()  # (B, c, g, g)
     elif method.features == "pca":
         features = pca.project(patches)  # (B, k, g, g)
     if features is not None:

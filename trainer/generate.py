@@ -143,6 +143,7 @@ def generate(cfg: GenerateConfig) -> Path:
         acc.print(f"{out} exists; nothing to do")
         return out
     model, info = load_model(cfg.checkpoint)
+    sampler = replace(cfg.sampler, path=info.method.path)  # the SDE's score follows the model's training path
     model, vae = model.to(acc.device), weights.load_vae(cfg.vae, cfg.vae_preset).to(acc.device)
     if acc.is_main_process:
         _claim_parts_dir(parts, cfg)
@@ -156,7 +157,7 @@ def generate(cfg: GenerateConfig) -> Path:
             images, labels = [], []
             for batch in _batches(_part_indices(cfg, k), cfg.batch_size):
                 img, y = generate_images(model, vae, batch, seed=cfg.seed, latent_channels=info.latent_channels,
-                                         scaling_factor=info.vae_scaling_factor, sampler=cfg.sampler,
+                                         scaling_factor=info.vae_scaling_factor, sampler=sampler,
                                          labels=cfg.labels, device=acc.device)
                 images.append(img.numpy())
                 labels.append(y.numpy())

@@ -28,6 +28,7 @@ from reglue.pipeline.compressor import safe_load
 from reglue.pipeline.store import Cache
 from reglue.trainer.checkpoints import save_snapshot, snapshot_payload
 from reglue.trainer.data import CacheLoader, prepare_batch, required_arrays
+from reglue.trainer.draws import RANDOM, Draws
 from reglue.trainer.ema import EMA
 from reglue.trainer.inception import Inception
 from reglue.trainer.metrics import Reference, load_reference
@@ -273,8 +274,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     model = SiT(**plan.model_kwargs).train()
     resolved = resolved_config(cfg, plan, sum(p.numel() for p in model.parameters()))
     ema = EMA(model, cfg.ema_decay).to(accelerator.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = CacheLoader(cache, plan.arrays, cfg.global_batch, seed=cfg.seed, rank=accelerator.process_index,
                          world=plan.world, window=cfg.window, prefetch=cfg.prefetch,
@@ -303,7 +303,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     ema_payload = lambda: snapshot_payload(ema.model, model_kwargs=plan.model_kwargs, method=plan.method,
                                            step=progress.step, meta=snapshot_meta)
     bare = accelerator.unwrap_model(model, keep_torch_compile=False)  # the EMA follows its parameters
-    make_batch = lambda raw: prepare_batch(raw, plan.method, cache.meta, accelerator.device, pca)
+    make_batch = lambda raw, draws: prepare_batch(raw, plan.method, cache.meta, accelerator.device, pca, draws)
 
     # 5. The loop: one iteration per optimizer step; every phase but the step is interval-gated.
     sums = torch.zeros(len(TERMS) + 1, device=accelerator.device)  # loss terms + grad norm, on device
@@ -352,21 +352,30 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     return resolved
 
 
-def train_step(accelerator, model, optimizer, raw: dict, make_batch: Callable[[dict], Batch], plan: Plan,
-               seed: int, grad_clip: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on this process's share `raw` of a global batch, in `plan.accum` micro-batches.
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """The reference's optimizer (train.py:209-215): AdamW, constant learning rate, no warmup."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
-    Returns the loss terms (TERMS order, averaged over micro-batches) and the clipped grad norm."""
+
+def train_step(accelerator, model, optimizer, raw: dict, make_batch: Callable[[dict, Draws], Batch], plan: Plan,
+               seed: int, grad_clip: float, step: int, draws: Draws = RANDOM) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on this process's share `raw` of a global batch, in `plan.accum` micro-batches
+    (train.py:343-367): `make_batch(rows, draws)` (posterior sample), the loss (t, noise, CLS noise, label
+    dropout), backward, `clip_grad_norm_`, AdamW. `step` counts the steps already taken (train.py's
+    global_step). Every draw comes from `draws` (trainer.draws), after the global RNGs are seeded for
+    this micro-batch.
+
+    Returns the loss terms (TERMS order, averaged over micro-batches) and the grad norm before clipping."""
     terms = torch.zeros(len(TERMS), device=accelerator.device)
     for a in range(plan.accum):
         torch.manual_seed(micro_seed(seed, step, accelerator.process_index * plan.accum + a))
-        batch = make_batch({k: v[a * plan.micro:(a + 1) * plan.micro] for k, v in raw.items()})
+        batch = make_batch({k: v[a * plan.micro:(a + 1) * plan.micro] for k, v in raw.items()}, draws)
         # Gradients are all-reduced once, on the last micro-batch.
         with accelerator.no_sync(model) if a < plan.accum - 1 else nullcontext():
-            out = loss_terms(model, batch, plan.method, step)
+            out = loss_terms(model, batch, plan.method, step, draws)
             accelerator.backward(out["loss"] / plan.accum)
         terms += torch.stack([out[k].detach() for k in TERMS]) / plan.accum
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)  # the total norm before clipping
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return terms, grad_norm

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reglue.trainer.draws import RANDOM, Draws
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -79,9 +81,9 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
-    def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
+    def forward(self, labels: torch.Tensor, train: bool, draws: Draws = RANDOM) -> torch.Tensor:
         if train and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob  # (N,)
+            drop = draws.label_drop(labels) < self.dropout_prob  # (N,): torch.rand(N) < p, sit.py:88
             labels = torch.where(drop, self.num_classes, labels)  # (N,)
         return self.embedding_table(labels)  # (N, D)
 
@@ -89,22 +91,27 @@ class LabelEmbedder(nn.Module):
 # ---- transformer ------------------------------------------------------------------------------
 
 class Attention(nn.Module):
-    """Multi-head self-attention through SDPA (flash kernels on GPU); keys as timm's `qkv`, `proj`.
+    """Multi-head self-attention through SDPA (flash kernels on GPU); keys as timm's `qkv`, `proj`
+    (and `q_norm`, `k_norm` with `qk_norm`: a LayerNorm over each head's queries and keys, timm's
+    `Attention(qk_norm=True)` with its default nn.LayerNorm, reference sit.py:113-115).
 
     The reference uses timm Attention with `fused_attn` on in training and off in sampling; the
     golden `sit_forward` (manual softmax) agrees with SDPA within its 5e-5 tolerance.
     """
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm = nn.LayerNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim // num_heads) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, S, D = x.shape
         qkv = self.qkv(x).reshape(N, S, 3, self.num_heads, D // self.num_heads)  # (N, S, 3, H, D/H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, S, D/H)
+        q, k = self.q_norm(q), self.k_norm(k)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, H, S, D/H)
         return self.proj(x.transpose(1, 2).reshape(N, S, D))  # (N, S, D)
 
@@ -125,10 +132,10 @@ class Mlp(nn.Module):
 class SiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning on c = t_emb + y_emb."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, qk_norm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -180,6 +187,7 @@ class SiT(nn.Module):
         projector_dim: int = 2048,
         encoder_depth: int = 8,
         cls_dim: int | None = None,
+        qk_norm: bool = False,
     ):
         super().__init__()
         if input_size % patch_size or hidden_size % num_heads or hidden_size % 4:
@@ -204,7 +212,7 @@ class SiT(nn.Module):
         # Fixed sin-cos table; a frozen Parameter (not a buffer) as in the reference, so that the
         # parameter counts and the EMA's named_parameters match it (sit.py:208).
         self.pos_embed = nn.Parameter(torch.zeros(1, extra + self.grid ** 2, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
         self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z) for z in self.z_dims])
         # One width: the reference's separate decoder_hidden_size must equal hidden_size, and its S
         # presets leave it at the default 768 against hidden 384, so their forward fails (sit.py:404-411).
@@ -244,10 +252,12 @@ class SiT(nn.Module):
         return x.reshape(x.shape[0], c, g * p, g * p)  # (N, C, H, W)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cls_token: torch.Tensor | None = None
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cls_token: torch.Tensor | None = None,
+        draws: Draws = RANDOM,
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """x (N, C, H, W) noisy [latent | features], t (N,) in [0, 1], y (N,) labels (null id =
-        num_classes), cls_token (N, cls_dim) the noisy CLS iff the model has one.
+        num_classes), cls_token (N, cls_dim) the noisy CLS iff the model has one; `draws` serves the
+        label dropout's uniforms in train() mode (trainer.draws).
         Returns (velocity (N, C, H, W), projector outputs [(N, S, z)], CLS velocity (N, cls_dim) or None)."""
         if (cls_token is None) != (self.cls_dim is None):
             raise ValueError(f"this SiT was built with cls_dim={self.cls_dim}; pass cls_token "
@@ -257,7 +267,7 @@ class SiT(nn.Module):
             cls = self.wg_norm(self.cls_projectors2(cls_token))  # (N, D)
             x = torch.cat([cls.unsqueeze(1), x], dim=1)  # (N, S, D), S = 1 + T
         x = x + self.pos_embed  # (N, S, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, draws)  # (N, D)
         zs: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, c)  # (N, S, D)
@@ -330,15 +340,13 @@ def preset_table(**kwargs) -> str:
 
 
 # The reference constructor's kwargs that have no effect on the network (train.py:161-170).
-_REFERENCE_ONLY = ("path_type", "use_cfg", "fused_attn", "qk_norm", "decoder_hidden_size", "cls_token_dim")
+_REFERENCE_ONLY = ("path_type", "use_cfg", "fused_attn", "decoder_hidden_size", "cls_token_dim")
 
 
 def sit_kwargs_from_reference(kwargs: dict) -> dict:
     """Map the reference's SiT kwargs (case.json, a checkpoint's args) to ours.
 
     The reference always has the CLS token, of width z_dims[0] (sit.py:217-219)."""
-    if kwargs.get("qk_norm"):
-        raise ValueError("qk_norm=True is not supported (every released REGLUE configuration uses False)")
     hidden = kwargs.get("hidden_size")
     if kwargs.get("decoder_hidden_size", hidden) != hidden:
         raise ValueError(f"decoder_hidden_size must equal hidden_size ({kwargs['decoder_hidden_size']} != {hidden})")

@@ -12,12 +12,14 @@ negative cosine between the projector output and the DINOv2 target, averaged ove
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import math
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from reglue.trainer.draws import RANDOM, Draws
 from reglue.trainer.models import SiT
 
 FeatureKind = Literal["none", "compressed", "pca"]
@@ -26,6 +28,12 @@ FeatureKind = Literal["none", "compressed", "pca"]
 # from step 250K and x0.25 from 500K. Pass it as `lam_schedule` to reproduce the XL run; it is
 # never inferred from the model's name.
 XL_LAM_SCHEDULE: tuple[tuple[int, float], ...] = ((0, 1.0), (250_000, 0.5), (500_000, 0.25))
+
+
+def reference_lam_schedule(model: str, lam: float = 1.0) -> tuple[tuple[int, float], ...]:
+    """The lambda a reference run of SiT preset `model` with `--lam lam` trains with (train.py:349-354):
+    lam, and, when "XL" is in the model name, lam x0.5 from step 250K and x0.25 from 500K."""
+    return tuple((s, lam * v) for s, v in (XL_LAM_SCHEDULE if "XL" in model else ((0, 1.0),)))
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,12 @@ class Method:
     """Weight of the CLS MSE (train.py `--cls 0.03`)."""
     w_proj: float = 0.5
     """Weight of the REPA term (train.py `--proj-coeff 0.5`)."""
+    path: Literal["linear", "cosine"] = "linear"
+    """Interpolant (train.py `--path-type`, loss.py:36-50): linear (alpha = 1 - t, sigma = t; every
+    paper's) or cosine (alpha = cos(pi t / 2), sigma = sin(pi t / 2)). The sampler follows it."""
+    weighting: Literal["uniform", "lognormal"] = "uniform"
+    """Time sampling (train.py `--weighting`, loss.py:57-67): t ~ U[0, 1) (every paper's), or EDM's
+    lognormal sigma = exp(N(0, 1)) mapped to t by the path."""
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -70,6 +84,9 @@ class Method:
             raise ValueError(f"lam_schedule must start at step 0 with increasing steps; got {self.lam_schedule}")
         if not self.layers:
             raise ValueError("layers must name at least one DINOv2 block")
+        if self.path not in ("linear", "cosine") or self.weighting not in ("uniform", "lognormal"):
+            raise ValueError(f"path must be linear|cosine and weighting uniform|lognormal (loss.py:36-67); "
+                             f"got {self.path!r}, {self.weighting!r}")
 
     def lam(self, step: int) -> float:
         """lambda in effect at optimizer step `step` (0-based count of steps already taken)."""
@@ -125,23 +142,24 @@ class Batch:
     """(B, S, D) REPA target: [CLS; last-layer patches] (S = 1 + P) with a CLS token, else patches."""
 
 
-@dataclass
-class Draws:
-    """The step's random draws, in the reference's order (loss.py:57-73)."""
-
-    t: torch.Tensor
-    """(B, 1, 1, 1) uniform time, drawn by the CPU generator."""
-    noise: torch.Tensor
-    """(B, zc + c, h, h) N(0, 1) for the latent and feature channels."""
-    noise_cls: torch.Tensor | None = field(default=None)
-    """(B, D) N(0, 1) for the CLS token, or None."""
+def interpolant(t: torch.Tensor, path: str):
+    """(alpha_t, sigma_t, d alpha_t / dt, d sigma_t / dt) of the path at t, as loss.py:36-50 writes them
+    (the linear path's derivatives are the numbers -1 and 1)."""
+    if path == "linear":
+        return 1 - t, t, -1, 1
+    half_pi = t * math.pi / 2
+    return torch.cos(half_pi), torch.sin(half_pi), -math.pi / 2 * torch.sin(half_pi), math.pi / 2 * torch.cos(half_pi)
 
 
-def draw(batch: Batch) -> Draws:
-    x = _joint(batch)
-    t = torch.rand((x.shape[0], 1, 1, 1)).to(device=x.device, dtype=x.dtype)  # CPU draw, as loss.py:59
-    noise = torch.randn_like(x)
-    return Draws(t, noise, torch.randn_like(batch.cls) if batch.cls is not None else None)
+def draw_time(x: torch.Tensor, method: Method, draws: Draws = RANDOM) -> torch.Tensor:
+    """(B, 1, 1, 1) times drawn on the CPU, moved to x's device and dtype (loss.py:57-69)."""
+    shape = (x.shape[0], 1, 1, 1)
+    if method.weighting == "uniform":
+        t = draws.time(shape)
+    else:  # EDM's lognormal sigma, mapped to the path's t (loss.py:60-67)
+        sigma = draws.time_normal(shape).exp()
+        t = sigma / (1 + sigma) if method.path == "linear" else 2 / math.pi * torch.atan(sigma)
+    return t.to(device=x.device, dtype=x.dtype)
 
 
 def _joint(batch: Batch) -> torch.Tensor:
@@ -150,16 +168,23 @@ def _joint(batch: Batch) -> torch.Tensor:
     return torch.cat([batch.latent, batch.features], dim=1)  # (B, zc + c, h, h), train.py:340
 
 
-def per_sample_losses(model: SiT, batch: Batch, draws: Draws) -> dict[str, torch.Tensor | None]:
-    """Unweighted terms: 'latent', 'feature', 'cls' per sample (B,), 'proj' a scalar; None if absent."""
+def per_sample_losses(model: SiT, batch: Batch, method: Method,
+                      draws: Draws = RANDOM) -> dict[str, torch.Tensor | None]:
+    """Unweighted terms: 'latent', 'feature', 'cls' per sample (B,), 'proj' a scalar; None if absent.
+
+    Draws t, the noise, the CLS noise and (in train() mode, inside the model) the label dropout from
+    `draws`, in the reference's order (loss.py:57-86, sit.py:88)."""
     x = _joint(batch)  # (B, C, h, h)
-    t = draws.t  # (B, 1, 1, 1)
-    x_t = (1 - t) * x + t * draws.noise  # (B, C, h, h)
-    v = draws.noise - x  # d/dt x_t: the v-target
+    t = draw_time(x, method, draws)  # (B, 1, 1, 1)
+    noise = draws.noise(x)  # (B, C, h, h)
+    noise_cls = draws.noise_cls(batch.cls) if batch.cls is not None else None  # (B, D)
+    alpha, sigma, d_alpha, d_sigma = interpolant(t, method.path)
+    x_t = alpha * x + sigma * noise  # (B, C, h, h)
+    v = d_alpha * x + d_sigma * noise  # d/dt x_t: the v-target (linear: noise - x)
     cls_t = None
     if batch.cls is not None:
-        cls_t = (1 - t.flatten(1)) * batch.cls + t.flatten(1) * draws.noise_cls  # (B, D)
-    v_hat, zs, cls_hat = model(x_t, t.flatten(), batch.labels, cls_token=cls_t)
+        cls_t = alpha.flatten(1) * batch.cls + sigma.flatten(1) * noise_cls  # (B, D)
+    v_hat, zs, cls_hat = model(x_t, t.flatten(), batch.labels, cls_token=cls_t, draws=draws)
     err = (v_hat - v) ** 2  # (B, C, h, h)
     zc = batch.latent.shape[1]
     out: dict[str, torch.Tensor | None] = {"latent": err[:, :zc].mean(dim=(1, 2, 3)), "feature": None,
@@ -167,7 +192,12 @@ def per_sample_losses(model: SiT, batch: Batch, draws: Draws) -> dict[str, torch
     if batch.features is not None:
         out["feature"] = err[:, zc:].mean(dim=(1, 2, 3))
     if batch.cls is not None:
-        out["cls"] = ((cls_hat - (draws.noise_cls - batch.cls)) ** 2).mean(dim=1)
+        # loss.py:81 as written: on the cosine path its (B, 1, 1, 1) d_alpha broadcasts against the (B, D)
+        # token into a (B, 1, B, D) target (each prediction against every sample's target); reproduced,
+        # as the reference trains it. The linear path's numbers keep it (B, D).
+        cls_v = d_alpha * batch.cls + d_sigma * noise_cls
+        cls_err = (cls_hat - cls_v) ** 2
+        out["cls"] = cls_err.mean(dim=tuple(range(1, cls_err.dim())))  # (B,), mean_flat
     if batch.repa_target is not None:
         if zs[0].shape != batch.repa_target.shape:
             raise ValueError(f"REPA target {tuple(batch.repa_target.shape)} does not match the projector "
@@ -179,14 +209,15 @@ def per_sample_losses(model: SiT, batch: Batch, draws: Draws) -> dict[str, torch
 
 
 def loss_terms(model: SiT, batch: Batch, method: Method, step: int,
-               draws: Draws | None = None) -> dict[str, torch.Tensor]:
+               draws: Draws = RANDOM) -> dict[str, torch.Tensor]:
     """Scalar terms `loss, latent, feature, cls, proj`, each already weighted, so that loss is their
-    sum in train.py's order; absent terms are zeros. Draws t and noise unless `draws` is given."""
+    sum in train.py's order; absent terms are zeros. `step` is the number of optimizer steps already
+    taken (train.py's global_step, for lambda); the step's draws come from `draws`."""
     for name, on, value in (("features", method.features != "none", batch.features),
                             ("cls", method.cls, batch.cls), ("repa_target", method.repa, batch.repa_target)):
         if on != (value is not None):
             raise ValueError(f"method {method.name!r} {'needs' if on else 'does not use'} batch.{name}")
-    per = per_sample_losses(model, batch, draws if draws is not None else draw(batch))
+    per = per_sample_losses(model, batch, method, draws)
     zero = batch.latent.new_zeros(())
     latent = per["latent"].mean()
     feature = method.lam(step) * per["feature"].mean() if per["feature"] is not None else zero

@@ -4,7 +4,8 @@ The SDE is REGLUE `samplers.py:46-180` (reference-implementation.md §7), step f
 - time grid `linspace(1.0, 0.04, num_steps)` in float64 plus a final 0: num_steps-1 stochastic
   steps, then one deterministic Euler step from 0.04 to 0 that returns the mean (NFE = num_steps);
 - state kept in float64, the model run on a float32 copy (fp32 weights; TF32 is the caller's choice);
-- diffusion g^2(t) = 2t, score from velocity through the linear path, drift d = v - g^2/2 * s;
+- diffusion g^2(t) = 2t, score from velocity through the path (linear; cosine for a model trained on
+  it), drift d = v - g^2/2 * s;
 - CFG on the drift within the guidance interval [low, high], the cond/uncond halves batched in one
   forward (y_null = num_classes; both halves see the same noisy latent, features and CLS);
 - the CLS state is denoised alongside with its own scale (`cls_cfg_scale`, cond-only when 0) and,
@@ -18,6 +19,7 @@ reference's draws through it, and `generate.py` passes per-sample generators.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,12 +52,17 @@ class SamplerConfig:
     """"euler" or "heun" (ODE mode only)."""
     precision: str = "fp32"
     """Model precision: "fp32" (reference parity) or "bf16" (autocast; state and CFG stay float64)."""
+    path: str = "linear"
+    """The interpolant the model was trained on (trainer.objective.Method.path), for the SDE's score
+    (samplers.py:15-39 `path_type`); `reglue sample` takes it from the checkpoint."""
 
     def __post_init__(self):
         if self.mode not in ("sde", "ode") or self.ode_solver not in ("euler", "heun"):
             raise ValueError(f"mode must be sde|ode and ode_solver euler|heun; got {self.mode!r}, {self.ode_solver!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16; got {self.precision!r}")
+        if self.path not in ("linear", "cosine"):
+            raise ValueError(f"path must be linear or cosine; got {self.path!r}")
         if self.num_steps < 2:
             raise ValueError(f"num_steps must be >= 2; got {self.num_steps}")
 
@@ -73,12 +80,16 @@ def sde_time_grid(num_steps: int) -> torch.Tensor:
     return torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
 
 
-def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """samplers.py:15-39 for the linear path (alpha = 1 - t, sigma = t), written as the reference
-    writes it so that float64 rounding matches."""
+def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, path: str = "linear") -> torch.Tensor:
+    """samplers.py:15-39: the score of x_t from the velocity on the linear path (alpha = 1 - t,
+    sigma = t) or the cosine one, written as the reference writes it so that float64 rounding matches."""
     t = t.view(-1, *[1] * (x.dim() - 1))
-    alpha, d_alpha = 1 - t, -torch.ones_like(x)
-    sigma, d_sigma = t, torch.ones_like(x)
+    if path == "linear":
+        alpha, d_alpha = 1 - t, -torch.ones_like(x)
+        sigma, d_sigma = t, torch.ones_like(x)
+    else:
+        alpha, sigma = torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
+        d_alpha, d_sigma = -math.pi / 2 * torch.sin(t * math.pi / 2), math.pi / 2 * torch.cos(t * math.pi / 2)
     ratio = alpha / d_alpha
     var = sigma ** 2 - ratio * d_sigma * sigma
     return (ratio * v - x) / var
@@ -114,9 +125,9 @@ def _drift(model, x, cls, y, t: torch.Tensor, cfg: SamplerConfig, latent_channel
     v, cls_v, x_in, cls_in, time = _velocity(model, x, cls, y, t, guided, cfg.precision)
     if cfg.mode == "sde":
         diffusion = 2 * t  # g^2(t) = 2t (samplers.py:42-43)
-        v = v - 0.5 * diffusion * score_from_velocity(v, x_in, time)
+        v = v - 0.5 * diffusion * score_from_velocity(v, x_in, time, cfg.path)
         if cls_v is not None:
-            cls_v = cls_v - 0.5 * diffusion * score_from_velocity(cls_v, cls_in, time)
+            cls_v = cls_v - 0.5 * diffusion * score_from_velocity(cls_v, cls_in, time, cfg.path)
     if not guided:
         return v, cls_v
     latent_only = latent_channels if cfg.vae_cfg and cfg.mode == "sde" and not final else None
