@@ -1,6 +1,7 @@
 """Golden runners for the pipeline area (registered into `golden.RUNNERS`)."""
 
 import hashlib
+import re
 
 import numpy as np
 import torch
@@ -21,39 +22,51 @@ def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
+def _sizes(text: str, call: str) -> tuple[int, int]:
+    """The two integer arguments of `call(..., A, B)` in a case's description of its call."""
+    found = re.search(re.escape(call) + r"\(.*?(\d+),\s*(\d+)\)", text)
+    assert found, f"no {call}(..., size, size) in {text!r}"
+    return int(found.group(1)), int(found.group(2))
+
+
 @runner("center_crop")
 def run_center_crop(case: Case):
+    # dataset_tools.make_transform('center-crop-dhariwal', W, H) = partial(center_crop_imagenet, W): square W
+    size, _ = _sizes(case.meta["call"], "make_transform")
     for spec in case.meta["inputs"]["images"]:
         k = spec["index"]
         image = make_input(case.tensors[f"in.grid_{k}"].numpy(), spec["width"], spec["height"])
         assert _sha256(image) == spec["input_sha256"], f"input {k} rebuilt wrongly"
-        crop = center_crop(Image.fromarray(image), 256)
-        assert crop.dtype == np.uint8 and crop.shape == (256, 256, 3)
+        crop = center_crop(Image.fromarray(image), size)
+        assert crop.dtype == np.uint8 and crop.shape == (size, size, 3)
         np.testing.assert_array_equal(crop, case.tensors[f"out.crop_{k}"].numpy(), err_msg=f"crop {k}")
         assert _sha256(crop) == spec["output_sha256"]
 
 
-def _golden_dinov2(case: Case) -> torch.nn.Module:
-    """Our timm DINOv2 at 224, sized by case.json, with the case's hub-format weights loaded."""
+def _golden_dinov2(case: Case, spec: EncoderSpec) -> torch.nn.Module:
+    """Our timm DINOv2 at the spec's input size, sized by case.json, with the case's hub-format weights loaded."""
     kw = case.meta["constructor"]["kwargs"]
-    # the construction facts the timm stand-in relies on (dinov2_vitb14_reg, hub backbones.py)
-    assert kw["interpolate_antialias"] and kw["interpolate_offset"] == 0.0 and kw["ffn_layer"] == "mlp"
+    # the construction facts the timm stand-in relies on: the `_reg` hub backbones that train.py loads
+    # (utils.py:64; hub backbones.py: antialiased pos-embed resampling, no offset, MLP FFN)
+    assert kw["interpolate_antialias"] and kw["interpolate_offset"] == 0.0 and kw["ffn_layer"] == "mlp", kw
     dims = {HUB_TO_TIMM[k]: v for k, v in kw.items() if k in HUB_TO_TIMM}
-    model = weights.build_dinov2(img_size=EncoderSpec(resolution=256).dino_size, weight_init="skip", **dims)
+    model = weights.build_dinov2(img_size=spec.dino_size, weight_init="skip", **dims)
     return weights.load_dinov2_hub_state(case.state(), model).eval()
 
 
 @runner("dinov2_layers")
 def run_dinov2_layers(case: Case):
     t, meta = case.tensors, case.meta
-    images = [make_input(t[f"in.grid_{k}"].numpy(), 256, 256) for k in (0, 1)]
+    width, height = _sizes(meta["inputs"]["images"], "make_input")
+    assert width == height, "train.py's images are square ADM crops"
+    images = [make_input(t[f"in.grid_{k}"].numpy(), width, height) for k in range(len(meta["inputs"]["image_sha256"]))]
     assert [_sha256(a) for a in images] == meta["inputs"]["image_sha256"]
-    batch = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in images])  # uint8 [B,3,256,256]
+    batch = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in images])  # uint8 [B,3,R,R]
     assert _sha256(batch.numpy()) == meta["inputs"]["batch_sha256"]
 
     layers = tuple(meta["layer_indices"])
-    spec = EncoderSpec(preset="tiny", resolution=256, layers=layers, precision="fp32")
-    model = _golden_dinov2(case)
+    spec = EncoderSpec(preset="tiny", resolution=width, layers=layers, precision="fp32")
+    model = _golden_dinov2(case, spec)
     enc = FeatureEncoder(spec, "cpu", dino=model)
     out = enc.encode(batch, with_layers=True)
     x = preprocess_dino(batch, spec.dino_size)
@@ -61,8 +74,9 @@ def run_dinov2_layers(case: Case):
         maps = model.get_intermediate_layers(x, n=list(layers), reshape=True,
                                              return_prefix_tokens=True, norm=True)
     B, g, D = batch.shape[0], spec.grid, model.embed_dim
+    stride = x.shape[-1] // t["out.preprocessed_subsample"].shape[-1]  # the case's subsampling of the input
     ours = {
-        "preprocessed_subsample": x[:, :, ::16, ::16],
+        "preprocessed_subsample": x[:, :, ::stride, ::stride],
         "concat": out["layers"].transpose(1, 2).reshape(B, len(layers) * D, g, g),
         "repa_target": torch.cat([out["cls"][:, None], out["patches"]], dim=1),
         "cls_token_new": out["cls"],
