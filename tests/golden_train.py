@@ -10,6 +10,7 @@ production seam (trainer.draws; golden.Replay checks the order).
 import fnmatch
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -19,6 +20,7 @@ from golden_models import REFERENCE_LATENT_CHANNELS, reference_method, reference
 from reglue.trainer.data import batch_from_rows
 from reglue.trainer.ema import EMA
 from reglue.trainer.loop import TERMS, Plan, TrainConfig, make_optimizer, train_step
+from reglue.trainer.objective import Method
 
 # train.py's logged names of our TERMS (train.py:348-358)
 REFERENCE_TERMS = {"loss": "loss", "latent": "loss_mean", "feature": "dino_loss_mean", "cls": "loss_mean_cls",
@@ -78,13 +80,25 @@ def compare_state(ours: dict, case: Case, prefix: str, quantity: str) -> dict[st
     return worst
 
 
-@runner("train_steps")
-def run_train_steps(case: Case) -> None:
+@dataclass
+class Replayed:
+    """What our step produced on a case: per step the train.py-named outputs, then the final states."""
+
+    steps: list[dict[str, torch.Tensor]]
+    """Per step: x_joint, grad_norm and the weighted terms (loss_mean, dino_loss_mean, ...)."""
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    config: TrainConfig
+    method: Method
+
+
+def replay(case: Case) -> Replayed:
+    """K steps of the production step on the case's inputs and draws, configured by its `args` alone."""
     args, kwargs = case.meta["args"], case.meta["model"]["constructor_kwargs"]
-    steps, first, t = args["steps"], args["first_global_step"], case.tensors
+    steps, first, batch, t = args["steps"], args["first_global_step"], args["batch"], case.tensors
     assert not args.get("legacy", False), "train.py --legacy (a second label drop) is not reglue's step"
     # The run's config as `reglue train` holds it; the optimizer is built from it as the loop builds it.
-    cfg = TrainConfig(cache="", out="", model=args["model"], global_batch=args["batch"], max_steps=first + steps,
+    cfg = TrainConfig(cache="", out="", model=args["model"], global_batch=batch, max_steps=first + steps,
                       lr=args["learning_rate"], betas=tuple(args["adam_betas"]), adam_eps=args["adam_epsilon"],
                       weight_decay=args["adam_weight_decay"], grad_clip=args["max_grad_norm"],
                       ema_decay=args["ema_decay"], precision=PRECISION[args["mixed_precision"]], seed=case.meta["seed"])
@@ -94,41 +108,50 @@ def run_train_steps(case: Case) -> None:
     meta = SimpleNamespace(vae_scaling_factor=args["vae_scaling_factor"], num_classes=kwargs["num_classes"],
                            latent_size=kwargs["input_size"])
     model = reference_sit(kwargs, case.model_state()).train()  # train(): the label dropout draws
-    plan = Plan(method, kwargs, (), {}, world=1, per_rank=cfg.global_batch, micro=cfg.global_batch, accum=1)
-    batches = []
+    plan = Plan(method, kwargs, (), {}, world=1, per_rank=batch, micro=batch, accum=1)
+    batches, out = [], []
 
     def make_batch(rows, draws):  # the loop's prepare_batch from the decoded rows on, recording the batch
         batches.append(batch_from_rows(rows, method, meta, None, draws))
         return batches[-1]
 
-    worst: dict[str, float] = {}
     with cpu_accelerator(args["mixed_precision"]) as accelerator:
         ema = EMA(model, cfg.ema_decay)  # the loop's order: the EMA copies the model, then prepare
         model, optimizer = accelerator.prepare(model, make_optimizer(cfg, model.parameters()))
         bare = accelerator.unwrap_model(model)
         for k in range(steps):
-            rows = {"vae_moments": t[f"in.step{k}.moments"], "labels": t[f"in.step{k}.labels"],
-                    "cls": t[f"in.step{k}.cls"].float(), "patches": t[f"in.step{k}.patches"].float(),
-                    "compressed": t[f"in.step{k}.compressed"]}
-            draws = Replay(case.meta["random_draws"]["order_per_step"], lambda name, k=k: t[f"in.step{k}.{name}"])
+            step = lambda name, k=k: t[f"in.step{k}.{name}"][:batch]  # noqa: E731
+            rows = {"vae_moments": step("moments"), "labels": step("labels"), "cls": step("cls").float(),
+                    "patches": step("patches").float(), "compressed": step("compressed")}
+            draws = Replay(case.meta["random_draws"]["order_per_step"], step)
             terms, grad_norm = train_step(accelerator, model, optimizer, rows, make_batch, plan, cfg.seed,
                                           cfg.grad_clip, first + k, draws)
             ema.update(bare)
             draws.finished()
-            quantities = {"x_joint": (torch.cat([batches[-1].latent, batches[-1].features], dim=1), "x_joint"),
-                          "grad_norm": (grad_norm.reshape(()), "grad_norm"),
-                          **{REFERENCE_TERMS[n]: (v, "losses") for n, v in zip(TERMS, terms)}}
-            for name, (ours, quantity) in quantities.items():
-                want = t[f"out.step{k}.{name}"]
-                torch.testing.assert_close(ours.detach(), want, **case.tol(quantity),
-                                           msg=lambda m, n=name, k=k: f"step {k} {n}: {m}")
-                worst[quantity] = max(worst.get(quantity, 0.0), (ours.detach() - want).abs().max().item())
-            clipped = case.meta.get("checks", {}).get("grad_norm_clipped_per_step")
-            if clipped is not None:
-                assert (grad_norm.item() > cfg.grad_clip) == clipped[k], f"step {k}: grad norm {grad_norm.item()}"
-        for prefix in ("model", "ema"):
-            for part, value in compare_state(bare.state_dict() if prefix == "model" else ema.state_dict(), case,
-                                             prefix, prefix).items():
-                worst[f"{prefix} ({part})"] = value
-    assert len(batches) == steps and batches[0].latent.shape[1] == REFERENCE_LATENT_CHANNELS
+            out.append({"x_joint": torch.cat([batches[-1].latent, batches[-1].features], dim=1),
+                        "grad_norm": grad_norm.reshape(()).detach(),
+                        **{REFERENCE_TERMS[n]: v for n, v in zip(TERMS, terms)}})
+    assert batches[0].latent.shape[1] == REFERENCE_LATENT_CHANNELS
+    return Replayed(out, bare.state_dict(), ema.state_dict(), cfg, method)
+
+
+QUANTITY = {"x_joint": "x_joint", "grad_norm": "grad_norm"}  # the tolerance entry of each output; the rest: losses
+
+
+@runner("train_steps")
+def run_train_steps(case: Case) -> None:
+    ours = replay(case)
+    worst: dict[str, float] = {}
+    for k, outputs in enumerate(ours.steps):
+        for name, value in outputs.items():
+            want, quantity = case.tensors[f"out.step{k}.{name}"], QUANTITY.get(name, "losses")
+            torch.testing.assert_close(value, want, **case.tol(quantity),
+                                       msg=lambda m, n=name, k=k: f"step {k} {n}: {m}")
+            worst[quantity] = max(worst.get(quantity, 0.0), (value - want).abs().max().item())
+        clipped = case.meta.get("checks", {}).get("grad_norm_clipped_per_step")
+        if clipped is not None:
+            assert (outputs["grad_norm"].item() > ours.config.grad_clip) == clipped[k], f"step {k}: {outputs}"
+    for prefix, state in (("model", ours.model), ("ema", ours.ema)):
+        for part, value in compare_state(state, case, prefix, prefix).items():
+            worst[f"{prefix} ({part})"] = value
     print(f"train_steps max |ours - reference| per quantity: {worst}")
