@@ -197,20 +197,23 @@ def train_command(
 @app.command("sample")
 def sample_command(
     checkpoint: str = typer.Argument(..., help="Our snapshot/checkpoint or an official REGLUE checkpoint."),
-    num: int = typer.Option(50_000, "--num", "-n", help="Number of images (ADM protocol: 50K)."),
+    preset: str = typer.Option("eval-sh", help=("Evaluation preset: eval-sh (the released eval.sh), paper-nocfg, "
+                                                "paper-xl-160ep, paper-xl-80ep (docs/sampling.md). Every sampler "
+                                                "option (--num, --mode ... --precision) not given is the preset's.")),
+    num: int | None = typer.Option(None, "--num", "-n", help="Number of images (default: the preset's, 50K)."),
     out: str = typer.Option(None, help="Output .npz (arr_0 uint8 NHWC, arr_1 labels); default beside the checkpoint."),
     batch_size: int = typer.Option(64, help="Samples per batch per process."),
     seed: int = typer.Option(0, help="Sample i depends on (seed, i) only, whatever the process count."),
     labels: str = typer.Option("random", help="random (the reference) or balanced (index % classes)."),
-    mode: str = typer.Option("sde", help="sde (the reference Euler-Maruyama) or ode."),
-    num_steps: int = typer.Option(250, help="SDE steps (NFE) or ODE steps."),
-    ode_solver: str = typer.Option("heun", help="euler or heun (ODE only)."),
-    cfg_scale: float = typer.Option(2.3, help="CFG scale on latent+feature drift (<= 1: off)."),
-    cls_cfg_scale: float = typer.Option(2.3, help="CFG scale of the CLS drift (0: conditional only)."),
-    guidance_low: float = typer.Option(0.0, help="Guide when guidance_low <= t <= guidance_high."),
-    guidance_high: float = typer.Option(0.9, help="Upper end of the guidance interval (t=1 is noise)."),
-    vae_cfg: bool = typer.Option(False, help="The reference's --vae_cfg (latent-only, non-standard CFG)."),
-    precision: str = typer.Option("fp32", help="Model precision: fp32 (reference parity) or bf16 (autocast)."),
+    mode: str | None = typer.Option(None, help="sde (the reference Euler-Maruyama) or ode."),
+    num_steps: int | None = typer.Option(None, help="SDE steps (NFE) or ODE steps."),
+    ode_solver: str | None = typer.Option(None, help="euler or heun (ODE only)."),
+    cfg_scale: float | None = typer.Option(None, help="CFG scale on latent+feature drift (<= 1: off)."),
+    cls_cfg_scale: float | None = typer.Option(None, help="CFG scale of the CLS drift (0: conditional)."),
+    guidance_low: float | None = typer.Option(None, help="Guide when guidance_low <= t <= guidance_high."),
+    guidance_high: float | None = typer.Option(None, help="Upper end of the guidance interval (t=1: noise)."),
+    vae_cfg: bool | None = typer.Option(None, help="The reference's --vae_cfg (latent-only, non-standard CFG)."),
+    precision: str | None = typer.Option(None, help="Model precision: fp32 (reference parity) or bf16 (autocast)."),
     vae: str = typer.Option("stabilityai/sd-vae-ft-ema", help="Decoder VAE: HF id or local folder."),
     vae_preset: str = typer.Option("real", help="real, or tiny (random weights, tests only)."),
     png_dir: str = typer.Option(None, help="Also write <png_dir>/<index:06d>.png."),
@@ -220,12 +223,13 @@ def sample_command(
 ) -> None:
     """Generate images into an ADM-evaluator .npz; resumable; distributed under accelerate/torchrun."""
     from reglue.trainer.generate import GenerateConfig, generate
-    from reglue.trainer.sampling import SamplerConfig
+    from reglue.trainer.sampling import resolve_preset
 
-    sampler = SamplerConfig(mode=mode, num_steps=num_steps, cfg_scale=cfg_scale, cls_cfg_scale=cls_cfg_scale,
-                            guidance_low=guidance_low, guidance_high=guidance_high, vae_cfg=vae_cfg,
-                            ode_solver=ode_solver, precision=precision)
     with _clear_errors():
+        sampler, num = resolve_preset(preset, num=num, mode=mode, num_steps=num_steps, cfg_scale=cfg_scale,
+                                      cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low,
+                                      guidance_high=guidance_high, vae_cfg=vae_cfg, ode_solver=ode_solver,
+                                      precision=precision)
         path = generate(GenerateConfig(checkpoint=checkpoint, out=out, num=num, batch_size=batch_size, seed=seed,
                                        labels=labels, sampler=sampler, vae=vae, vae_preset=vae_preset,
                                        png_dir=png_dir, grid=grid, part_size=part_size, cpu=cpu))
@@ -234,10 +238,11 @@ def sample_command(
 
 @app.command("fid")
 def fid_command(
-    source: str = typer.Argument(..., help="SAMPLES.npz, or a checkpoint to sample first (paper settings)."),
+    source: str = typer.Argument(..., help="SAMPLES.npz, or a checkpoint to sample first (with --preset)."),
     ref: str = typer.Option(..., help="Reference npz: ADM VIRTUAL_imagenet256_labeled.npz or `fid-ref` output."),
     inception: str = typer.Option(None, help="inception-2015-12-05.pt (default $REGLUE_INCEPTION_WEIGHTS, cache)."),
-    num: int = typer.Option(50_000, help="Images to sample when SOURCE is a checkpoint."),
+    preset: str = typer.Option("eval-sh", help="Evaluation preset when SOURCE is a checkpoint (as `reglue sample`)."),
+    num: int | None = typer.Option(None, help="Images to sample when SOURCE is a checkpoint (default: the preset's)."),
     seed: int = typer.Option(0, help="Sampling seed when SOURCE is a checkpoint."),
     sfid: bool = typer.Option(True, help="Compute sFID (if the reference has mu_s/sigma_s)."),
     precision_recall: bool = typer.Option(True, help="Compute precision/recall (if the reference has images)."),
@@ -249,10 +254,12 @@ def fid_command(
     """FID (+ sFID, IS, precision/recall) with the ADM protocol; writes a metrics JSON."""
     from reglue.trainer.evaluate import FidConfig, evaluate_source
     from reglue.trainer.generate import GenerateConfig
+    from reglue.trainer.sampling import resolve_preset
 
-    gen = None if source.endswith(".npz") else GenerateConfig(checkpoint=source, num=num, seed=seed,
-                                                              vae_preset=vae_preset, cpu=cpu)
     with _clear_errors():
+        sampler, num = resolve_preset(preset, num=num)
+        gen = None if source.endswith(".npz") else GenerateConfig(checkpoint=source, num=num, seed=seed,
+                                                                  sampler=sampler, vae_preset=vae_preset, cpu=cpu)
         result = evaluate_source(FidConfig(samples=source, ref=ref, inception=inception, batch_size=batch_size,
                                            sfid=sfid, precision_recall=precision_recall, out=out, cpu=cpu), gen)
     if result:

@@ -100,7 +100,7 @@ class GenerateConfig:
     labels: str = "random"
     """"random" (the reference: uniform labels) or "balanced" (index % num_classes, 50 per class at 50K)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    """Sampler and guidance settings (defaults: the paper's eval.sh)."""
+    """Sampler and guidance settings (defaults: the `eval-sh` preset, the released eval.sh)."""
     vae: str = DECODE_VAE
     """VAE used to decode (HF id or local folder)."""
     vae_preset: str = "real"

@@ -120,7 +120,7 @@ class TrainConfig:
     """inception-2015-12-05.pt (file or folder) for FID; default $REGLUE_INCEPTION_WEIGHTS, then the reglue
     cache folder, as `reglue fid`."""
     fid_steps: int = 250
-    """SDE steps of the FID sampler; its other settings are the paper's (trainer.sampling.SamplerConfig)."""
+    """SDE steps of the FID sampler; its other settings are the default preset eval-sh (SamplerConfig())."""
     fid_batch: int = 64
     """Samples per model batch per process during FID (eval.sh: 64; guidance doubles the forward batch)."""
     window: int = 65536
