@@ -46,10 +46,12 @@ def cpu_accelerator(mixed_precision: str):
         reset()
 
 
-def excluded(case: Case) -> tuple[str, slice, float]:
+def excluded(case: Case) -> tuple[str, slice, float] | None:
     """(state-key pattern, slice, atol) of `tolerance.exclude`: "blocks.*.attn.qkv.bias[40:80] ... in model
-    and ema", compared only with atol = steps * lr (the case's rule, which the text must state)."""
-    exclude, args = case.meta["tolerance"]["exclude"], case.meta["args"]
+    and ema", compared only with atol = steps * lr (the case's rule, which the text must state); None if none."""
+    exclude, args = case.meta["tolerance"].get("exclude"), case.meta["args"]
+    if exclude is None:
+        return None
     pattern, start, stop = re.match(r"\s*([\w.*]+)\[(\d+):(\d+)\]", exclude["entries"]).groups()
     if "atol" in exclude:
         atol = exclude["atol"]
@@ -62,7 +64,7 @@ def excluded(case: Case) -> tuple[str, slice, float]:
 def compare_state(ours: dict, case: Case, prefix: str, quantity: str) -> dict[str, float]:
     """Every `out.<prefix>.*` entry against ours with the case's `quantity` tolerance, the excluded slice
     with its own atol; returns the worst |ours - reference| of the rest and of the excluded slice."""
-    pattern, cut, atol = excluded(case)
+    pattern, cut, atol = excluded(case) or ("", slice(0), 0.0)  # no exclusion: the pattern matches no key
     expected = case.state(f"out.{prefix}.")
     assert ours.keys() == expected.keys(), f"{prefix}: {sorted(ours.keys() ^ expected.keys())}"
     worst = {"rest": 0.0, "excluded": 0.0}
