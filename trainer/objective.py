@@ -56,6 +56,13 @@ class Method:
     """Weight of the CLS MSE (train.py `--cls 0.03`)."""
     w_proj: float = 0.5
     """Weight of the REPA term (train.py `--proj-coeff 0.5`)."""
+    dino_drop_prob: float = 0.0
+    """ReDi's representation dropout (`--dino-drop-prob`, off by default; transport.py:134-137): with this
+    probability a micro-batch's semantic channels are zeroed and their loss weight set to 0."""
+    vae_cfg_rule: Literal["reglue", "redi"] = "reglue"
+    """How sampling with `vae_cfg` guides this model's latent channels (trainer.sampling): 'reglue' (the
+    reference's c + s(c - u), SDE loop steps only) or 'redi' (ReDi's u + s(c - u), every step;
+    models.py:309-327)."""
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -70,6 +77,22 @@ class Method:
             raise ValueError(f"lam_schedule must start at step 0 with increasing steps; got {self.lam_schedule}")
         if not self.layers:
             raise ValueError("layers must name at least one DINOv2 block")
+        if not 0 <= self.dino_drop_prob < 1 or (self.dino_drop_prob and self.features == "none"):
+            raise ValueError(f"dino_drop_prob must be in [0, 1) and needs semantic channels; got {self.dino_drop_prob} "
+                             f"with features={self.features!r}")
+        if self.vae_cfg_rule not in ("reglue", "redi"):
+            raise ValueError(f"vae_cfg_rule must be 'reglue' or 'redi'; got {self.vae_cfg_rule!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Method:
+        """A Method saved as a dict (snapshots); fields it predates take its preset's values, by name."""
+        base = METHODS.get(d.get("name"))
+        return replace(base, **d) if base is not None else cls(**d)
+
+    @property
+    def uses_dino(self) -> bool:
+        """Whether any input or target comes from DINOv2 (semantic channels, CLS token, REPA target)."""
+        return self.features != "none" or self.cls or self.repa
 
     def lam(self, step: int) -> float:
         """lambda in effect at optimizer step `step` (0-based count of steps already taken)."""
@@ -84,7 +107,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sit"),  # latents only (SiT)
     Method("repa", repa=True),  # + alignment of block encoder_depth with DINOv2 (REPA)
     Method("reg", cls=True, repa=True),  # + the noisy [CLS] token entangled (REG)
-    Method("redi", features="pca", feature_channels=8),  # + PCA-8 patch features (ReDi)
+    Method("redi", features="pca", feature_channels=8, vae_cfg_rule="redi"),  # + PCA-8 patch features (ReDi)
     Method("reglue", features="compressed", feature_channels=16, cls=True, repa=True),  # REGLUE
 )}
 
@@ -186,10 +209,15 @@ def loss_terms(model: SiT, batch: Batch, method: Method, step: int,
                             ("cls", method.cls, batch.cls), ("repa_target", method.repa, batch.repa_target)):
         if on != (value is not None):
             raise ValueError(f"method {method.name!r} {'needs' if on else 'does not use'} batch.{name}")
-    per = per_sample_losses(model, batch, draws if draws is not None else draw(batch))
+    draws = draws if draws is not None else draw(batch)
+    lam = method.lam(step)
+    if method.dino_drop_prob and torch.rand(()) < method.dino_drop_prob:  # CPU draw, after t and noise
+        # ReDi's representation dropout (transport.py:134-137): clean features zeroed, their loss weight 0.
+        batch, lam = replace(batch, features=torch.zeros_like(batch.features)), 0.0
+    per = per_sample_losses(model, batch, draws)
     zero = batch.latent.new_zeros(())
     latent = per["latent"].mean()
-    feature = method.lam(step) * per["feature"].mean() if per["feature"] is not None else zero
+    feature = lam * per["feature"].mean() if per["feature"] is not None else zero
     proj = method.w_proj * per["proj"] if per["proj"] is not None else zero
     cls = method.w_cls * per["cls"].mean() if per["cls"] is not None else zero
     return {"loss": latent + feature + proj + cls, "latent": latent, "feature": feature, "cls": cls, "proj": proj}
