@@ -31,6 +31,8 @@ from reglue.trainer.data import CacheLoader, epoch_order, flip_draws, layers_for
 from reglue.trainer.loop import PAUSE_ENV, TrainConfig, train, xl_lam_warning
 from reglue.trainer.objective import get_method
 from reglue.trainer.pca import fit_pca, pca_from_moments
+from reglue.trainer.recipes import get_recipe
+from reglue.trainer.runfolder import check_same_run
 
 N, CHUNK, BATCH = 32, 8, 8
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -150,6 +152,11 @@ def test_each_method_trains(caches, tmp_path, method):
     assert info.method.vae_cfg_rule == ("redi" if method == "redi" else "reglue")  # how `sample --vae-cfg` guides it
     assert json.loads((tmp_path / "config.json").read_text())["model_kwargs"]["input_size"] == 8  # from the cache
     assert (tmp_path / "checkpoints" / "step-0000003" / "ema.pt").exists()
+    if method == "sit":  # on resume the recipe fields compare as resolved: an explicit --flip is sit's default
+        check_same_run(tmp_path, config(caches["full"], tmp_path, method=method, flip=True), get_recipe("sit"))
+        with pytest.raises(ValueError, match="flip: True there, False now"):
+            no_flip = config(caches["full"], tmp_path, method=method, flip=False)
+            check_same_run(tmp_path, no_flip, get_recipe("sit").override(flip=False))
     if method == "redi":
         assert load_file(tmp_path / "pca.safetensors")["components"].shape == (8, 32)
     if method == "reglue":

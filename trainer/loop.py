@@ -316,7 +316,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         dynamo_backend="inductor" if cfg.compile else "no")
     if cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    check_same_run(run, cfg)
+    check_same_run(run, cfg, plan.recipe)
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
 

@@ -60,13 +60,18 @@ def resolved_config(cfg: TrainConfig, plan: Plan, parameters: int) -> dict:
                          "accelerate": accelerate.__version__, "numpy": np.__version__, "zarr": zarr.__version__}}
 
 
-def check_same_run(run: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume a run folder that holds a run of another config (RUN_CONTROL fields may change)."""
+def check_same_run(run: Path, cfg: TrainConfig, recipe=None) -> None:
+    """Refuse to resume a run folder that holds a run of another config (RUN_CONTROL fields may change).
+    With the resolved `recipe`, its fields compare as resolved (`--precision fp32` = sit's default)."""
     path = run / "config.json"
     if not path.exists() or latest_checkpoint(run) is None:
         return
-    stored = json.loads(path.read_text())["config"]
+    saved = json.loads(path.read_text())
+    stored = saved["config"]
     mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if recipe is not None and "recipe" in saved:
+        for key in ("precision", "grad_clip", "flip"):
+            stored[key], mine[key] = saved["recipe"][key], getattr(recipe, key)
     diff = [f"{k}: {stored.get(k)!r} there, {mine[k]!r} now" for k in mine
             if k not in RUN_CONTROL and stored.get(k) != mine[k]]
     if diff:
