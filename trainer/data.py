@@ -277,9 +277,9 @@ class CacheLoader:
             # Exits in reverse order: the read-ahead thread (a read stops at `stop`) before the pool it uses.
             reader = ThreadPoolExecutor(1, thread_name_prefix="reglue-read-ahead") if self.read_ahead else None
             with ThreadPoolExecutor(self.threads, thread_name_prefix="reglue-read") as pool, reader or nullcontext():
-                for k, batch in enumerate(self._rank_batches(start, pool, stop, reader), start // self.global_batch):
+                for step, batch in enumerate(self._rank_batches(start, pool, stop, reader), start // self.global_batch):
                     if self.flip:
-                        batch = pick_views(batch, self.seed, k)
+                        batch = pick_views(batch, self.seed, step)
                     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
                     if self.pin_memory:
                         tensors = {k: v.pin_memory() for k, v in tensors.items()}

@@ -96,7 +96,7 @@ class TrainConfig:
     xl_lam_schedule: bool = False
     """Apply the reference's hidden SiT-XL feature-loss schedule (lambda x0.5 from 250K, x0.25 from
     500K; train.py:349-354), which it keys on "XL" in the model name. Off: lambda stays 1, and an XL
-    preset with feature channels prints a warning at start."""
+    reglue run prints a warning at start (the other methods' papers never had this schedule)."""
     precision: Literal["bf16", "fp16", "fp32"] | None = None
     """Autocast precision: bf16, fp16 with a GradScaler (the reference's), or fp32; None = the method's
     (bf16 for repa, reg, reglue; fp32 for sit, redi)."""
@@ -248,8 +248,8 @@ def recipe_line(plan: Plan) -> str:
     m, k = plan.method, plan.model_kwargs
     lam = ", ".join(f"{v:g}" + (f" from step {s:,}" if s else "") for s, v in m.lam_schedule)
     parts = [plan.recipe.summary(), f"lambda {lam}" if m.features != "none" else None,
-        f"REPA after block {k['encoder_depth']}" if m.repa else None,
-        f"representation dropout {m.dino_drop_prob:g}" if m.dino_drop_prob else None]
+             f"REPA after block {k['encoder_depth']}" if m.repa else None,
+             f"representation dropout {m.dino_drop_prob:g}" if m.dino_drop_prob else None]
     return (f"recipe {m.name}: " + ", ".join(p for p in parts if p)
             + (f" (follows {plan.recipe.source})" if plan.recipe.source else ""))
 
