@@ -49,6 +49,8 @@ def extract_command(
     chunk_size: int | None = typer.Option(None, help=("Samples per chunk (unit of storage and resume) "
                                                       "(default 64, chosen by measurement).")),
     device: str | None = typer.Option(None, help="Torch device (default: this process's GPU, else the CPU)."),
+    flip: bool = typer.Option(False, help=("Also store the VAE posterior of the mirrored crop (+16 KB/image), "
+                                           "for recipes that flip (method sit).")),
 ) -> None:
     """Turn an image folder into a feature cache. Rerun the same command to resume; launch with
     `accelerate launch` or `torchrun` for several processes (docs/extract.md)."""
@@ -59,7 +61,7 @@ def extract_command(
         models = {k: v for k, v in dict(vae=vae, dino=dino, dino_weights=dino_weights).items() if v}
         spec = EncoderSpec(preset=preset, resolution=resolution, precision=precision, **models)
         extract(ExtractConfig(src, out, spec, layers_limit, compressor, norm_stats,
-                              chunk_size or DEFAULT_CHUNK_SIZE, batch_size, num_workers, device))
+                              chunk_size or DEFAULT_CHUNK_SIZE, batch_size, num_workers, device, flip))
 
 
 @cache_app.command("info")
@@ -155,7 +157,17 @@ def train_command(
     max_steps: int = typer.Option(400_000, help="Optimizer steps."),
     global_batch: int = typer.Option(256, help="Samples per step over all processes."),
     micro_batch: int | None = typer.Option(None, help="Samples per forward per process (gradient accumulation)."),
-    precision: str = typer.Option("bf16", help="bf16 | fp16 (GradScaler, the reference's) | fp32."),
+    precision: str | None = typer.Option(None, help=("bf16 | fp16 (GradScaler, the reference's) | fp32; "
+                                                     "default: the method's recipe (--dry-run prints it).")),
+    grad_clip: float | None = typer.Option(None, help="Max grad norm; 0 = off; default: the method's recipe."),
+    flip: bool | None = typer.Option(None, "--flip/--no-flip", help=("Random horizontal flips (extract --flip); "
+                                                                     "default: the method's recipe (sit flips).")),
+    encoder_depth: int | None = typer.Option(None, help="SiT block REPA aligns; default: the preset's (B 4, XL 8)."),
+    dino_drop_prob: float | None = typer.Option(None, help="ReDi's representation dropout (redi; default 0)."),
+    pca_file: str | None = typer.Option(None, help=("redi: PCA file instead of a fit (ReDi's "
+                                                    "pcs/dino_pca_model.pth or a pca.safetensors).")),
+    pca_samples: int | None = typer.Option(None, help=("redi: fit the PCA on the first N images (default "
+                                                       "302 x 256 = 77,312, as ReDi's calc_pca.py).")),
     compile: bool = typer.Option(False, help="torch.compile the SiT."),
     lr: float = typer.Option(1e-4, help="AdamW learning rate (constant)."),
     window: int = typer.Option(65536, help=("Loader shuffle window in samples (RAM: ~2*window/processes "
@@ -174,14 +186,17 @@ def train_command(
     inception: str | None = typer.Option(None, help="inception-2015-12-05.pt (else $REGLUE_INCEPTION_WEIGHTS)."),
     keep_last: int = typer.Option(2, help="Full checkpoints kept."),
     trackers: str = typer.Option("tensorboard", help="Comma list of tensorboard, wandb; empty for none."),
-    dry_run: bool = typer.Option(False, help="Print the resolved config and exit."),
+    dry_run: bool = typer.Option(False, help="Print the resolved recipe and config and exit."),
 ) -> None:
     """Train SiT with one of the five methods from a cache (Accelerate: `accelerate launch` for several GPUs)."""
     from reglue.trainer.loop import TrainConfig, train
 
     with _clear_errors():
         cfg = TrainConfig(cache, out, method, model, max_steps, global_batch, micro_batch, lr=lr, window=window,
-                          precision=precision, compile=compile, xl_lam_schedule=xl_lam_schedule, seed=seed,
+                          precision=precision, grad_clip=grad_clip, flip=flip, encoder_depth=encoder_depth,
+                          dino_drop_prob=dino_drop_prob, pca_file=pca_file,
+                          **({"pca_samples": pca_samples} if pca_samples else {}),
+                          compile=compile, xl_lam_schedule=xl_lam_schedule, seed=seed,
                           log_every=log_every, ckpt_every=ckpt_every, snapshot_every=snapshot_every,
                           sample_every=sample_every, keep_last=keep_last, fid_every=fid_every, fid_num=fid_num,
                           fid_ref=fid_ref, inception=inception, trackers=tuple(t for t in trackers.split(",") if t))
@@ -212,7 +227,9 @@ def sample_command(
     cls_cfg_scale: float | None = typer.Option(None, help="CFG scale of the CLS drift (0: conditional)."),
     guidance_low: float | None = typer.Option(None, help="Guide when guidance_low <= t <= guidance_high."),
     guidance_high: float | None = typer.Option(None, help="Upper end of the guidance interval (t=1: noise)."),
-    vae_cfg: bool | None = typer.Option(None, help="The reference's --vae_cfg (latent-only, non-standard CFG)."),
+    vae_cfg: bool | None = typer.Option(None, help=("Guide the latent channels only: the reference's "
+                                                     "--vae_cfg (c + s(c - u)); for a redi model ReDi's "
+                                                     "--cfg-vae (u + s(c - u)).")),
     precision: str | None = typer.Option(None, help="Model precision: fp32 (reference parity) or bf16 (autocast)."),
     vae: str = typer.Option("stabilityai/sd-vae-ft-ema", help="Decoder VAE: HF id or local folder."),
     vae_preset: str = typer.Option("real", help="real, or tiny (random weights, tests only)."),

@@ -88,7 +88,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     cache = str(out / "cache.zarr")
     spec = EncoderSpec.tiny(resolution=cfg.resolution)
     extract(ExtractConfig(str(images), cache, spec, layers_limit=cfg.classes * cfg.per_class + 1,
-                          chunk_size=16, batch_size=16, num_workers=0))
+                          chunk_size=16, batch_size=16, num_workers=0, flip=True))  # both views: any method
     print(info(cache))
 
     say(3, "reglue train-compressor --fill (norm stats with dask, the conv autoencoder, compressed features)")

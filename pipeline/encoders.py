@@ -166,21 +166,27 @@ class FeatureEncoder:
             out = self._forward(images, with_layers, "fp32")
         return out
 
+    @torch.no_grad()
+    def vae_posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [B,3,R,R] -> float32 posterior mean, std [B,zc,h,h] (the VAE alone, fp32 as the reference's
+        `encode` step: dataset_tools.py:395,401)."""
+        post = self.vae.encode(preprocess_vae(images.to(self.device, non_blocking=True))).latent_dist
+        return post.mean.float(), post.std.float()
+
     def _forward(self, images: torch.Tensor, with_layers: bool, precision: str) -> dict[str, torch.Tensor]:
-        x_vae = preprocess_vae(images)                                   # [B,3,R,R]
         x_dino = preprocess_dino(images, self.spec.dino_size)            # [B,3,S,S]
         autocast = (nullcontext() if precision == "fp32"
                     else torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[precision]))
         # The VAE always encodes in fp32, as the reference's `encode` step does (dataset_tools.py:395,401);
         # only DINOv2 ran under fp16 autocast there (train.py:303-341), so only it takes `precision`.
-        post = self.vae.encode(x_vae.float()).latent_dist                # mean, std [B,zc,h,h]
+        vae_mean, vae_std = self.vae_posterior(images)                   # [B,zc,h,h] each
         with autocast:
             outs = self.dino.get_intermediate_layers(
                 x_dino, n=self.blocks, reshape=False, return_prefix_tokens=True, norm=True)
         tokens = dict(zip(self.blocks, outs))                            # block -> ([B,P,D], [B,1+4,D])
         last_patches, last_prefix = tokens[self.blocks[-1]]
         out = {
-            "vae_mean": post.mean.float(), "vae_std": post.std.float(),
+            "vae_mean": vae_mean, "vae_std": vae_std,
             "cls": last_prefix[:, 0].float(), "patches": last_patches.float(),
         }
         if with_layers:

@@ -3,7 +3,9 @@
 Per image, as the reference computes it online (reference-implementation.md §1-2): ADM center
 crop, SD-VAE posterior mean and std, DINOv2 last-layer CLS and patch tokens (the REPA target,
 token-encoded by pipeline/codec.py); for `layers_limit` evenly spread samples the normed layers
-8..11; given a compressor and its norm stats, the compressed features of every image.
+8..11; given a compressor and its norm stats, the compressed features of every image; with `flip`,
+also the VAE posterior of the mirrored crop (SiT flips the crop, train.py:184-186; LightningDiT
+caches both views), so that a flipping recipe samples a fresh posterior of either view every step.
 
 How a run is organised (docs/extract.md):
 - The unit of work is a chunk of C samples. Process r of W (accelerate launch / torchrun) owns the
@@ -81,6 +83,9 @@ class ExtractConfig:
     """DataLoader processes decoding images (0 = decode in the main process)."""
     device: str | None = None
     """Torch device; default: this process's accelerator (cuda:<local rank>) or the CPU."""
+    flip: bool = False
+    """Also store `vae_moments_flip`, the VAE posterior of the horizontally mirrored crop (one more VAE
+    encode per image, +16 KB/image), for recipes that flip (method sit)."""
 
     def __post_init__(self):
         if not self.out:
@@ -179,6 +184,8 @@ def plan_meta(cfg: ExtractConfig, sources: SourceList, encoder: FeatureEncoder,
     q, scale = codec.encode_tokens(torch.zeros(1, e["num_patches"], e["dino_dim"]))
     dtypes = {"vae_moments": "float16", "cls": "float32", "patches": str(q.dtype).removeprefix("torch."),
               "patches_scale": str(scale.dtype).removeprefix("torch."), "labels": "int64", "valid": "bool"}
+    if cfg.flip:
+        dtypes["vae_moments_flip"] = "float16"
     layers_count = min(cfg.layers_limit, len(sources))
     if layers_count:
         dtypes["layers"] = "float16"
@@ -321,12 +328,14 @@ def finish(cache: Cache, namespace: str, state: PartialState) -> dict[int, dict]
 # ---- extract ---------------------------------------------------------------------------------
 
 def encode_batch(encoder: FeatureEncoder, images: torch.Tensor, with_layers: bool,
-                 comp: Compressor | None) -> dict[str, np.ndarray]:
+                 comp: Compressor | None, flip: bool = False) -> dict[str, np.ndarray]:
     """Stored values for a batch of good crops, by array name."""
     f = encoder.encode(images, with_layers=with_layers or comp is not None)
     q, scale = codec.encode_tokens(f["patches"])
     out = {"vae_moments": torch.cat([f["vae_mean"], f["vae_std"]], dim=1).half(),  # [B, 2zc, h, h]
            "cls": f["cls"], "patches": q, "patches_scale": scale}
+    if flip:  # the crop mirrored left-right, as RandomHorizontalFlip after the crop (SiT train.py:184-186)
+        out["vae_moments_flip"] = torch.cat(encoder.vae_posterior(images.flip(-1)), dim=1).half()
     if "layers" in f:
         out["layers"] = f["layers"].half()  # [B, P, L*D]
         if comp:
@@ -360,7 +369,7 @@ def extract_chunks(cache: Cache, chunks: list[int], sources: SourceList, encoder
                 j = np.searchsorted(layer_index, good)  # the layers row of each good sample, if it has one
                 keeps = j < len(layer_index)
                 keeps[keeps] = layer_index[j[keeps]] == good[keeps]
-                out = encode_batch(encoder, images[torch.from_numpy(ok)], keeps.any(), comp)
+                out = encode_batch(encoder, images[torch.from_numpy(ok)], keeps.any(), comp, cfg.flip)
                 for name in chunk.keys() & out.keys() - {"layers"}:
                     chunk[name][good - start] = out[name]
                 if keeps.any():

@@ -5,6 +5,7 @@ measurements behind chunking and codecs, is in docs/cache-format.md. N = planned
 tokens, D = DINOv2 width, L = number of multi-layer features, zc = VAE latent channels, h = latent side:
 
   vae_moments   [N, 2*zc, h, h]   float16   posterior mean (ch 0..zc-1) then std (zc..2zc-1), unscaled
+  vae_moments_flip [N, 2*zc, h, h] float16  the same for the horizontally mirrored crop; optional (--flip)
   cls           [N, D]            float32   DINOv2 last-layer [CLS] after the final norm
   patches       [N, P, D]         int8      last-layer patch tokens (REPA target), `meta.patches_encoding`
   patches_scale [N, P]            float16   their per-token scale (present when the encoding has one)
@@ -403,8 +404,8 @@ def array_layout(meta: CacheMeta) -> dict[str, tuple[tuple[int, ...], str, tuple
     `layers` (1.5 MiB/sample at ViT-B) gets one row per file for the same reason."""
     N, C, P, D = meta.num_samples, meta.chunk_size, meta.num_patches, meta.dino_dim
     g, h, zc = meta.grid, meta.latent_size, meta.latent_channels
-    tails = {"vae_moments": (2 * zc, h, h), "cls": (D,), "patches": (P, D), "patches_scale": (P,),
-             "labels": (), "valid": (), "compressed": (meta.compressed_channels, g, g),
+    tails = {"vae_moments": (2 * zc, h, h), "vae_moments_flip": (2 * zc, h, h), "cls": (D,), "patches": (P, D),
+             "patches_scale": (P,), "labels": (), "valid": (), "compressed": (meta.compressed_channels, g, g),
              "layers": (P, len(meta.layers) * D)}
     layout = {}
     for name, dtype in meta.dtypes.items():

@@ -19,7 +19,7 @@ from golden_models import REFERENCE_LATENT_CHANNELS, reference_method, reference
 
 from reglue.trainer.data import batch_from_rows
 from reglue.trainer.ema import EMA
-from reglue.trainer.loop import TERMS, Plan, TrainConfig, make_optimizer, train_step
+from reglue.trainer.loop import TERMS, Plan, TrainConfig, make_optimizer, resolve_recipe, train_step
 from reglue.trainer.objective import Method
 
 # train.py's logged names of our TERMS (train.py:348-358)
@@ -110,7 +110,7 @@ def replay(case: Case) -> Replayed:
     meta = SimpleNamespace(vae_scaling_factor=args["vae_scaling_factor"], num_classes=kwargs["num_classes"],
                            latent_size=kwargs["input_size"])
     model = reference_sit(kwargs, case.model_state()).train()  # train(): the label dropout draws
-    plan = Plan(method, kwargs, (), {}, world=1, per_rank=batch, micro=batch, accum=1)
+    plan = Plan(method, resolve_recipe(cfg), kwargs, (), {}, world=1, per_rank=batch, micro=batch, accum=1)
     batches, out = [], []
 
     def make_batch(rows, draws):  # the loop's prepare_batch from the decoded rows on, recording the batch

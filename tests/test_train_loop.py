@@ -21,14 +21,18 @@ from typer.testing import CliRunner
 
 from reglue.cli import app
 from reglue.pipeline.compressor import compress, load_compressor, load_norm_stats
-from reglue.pipeline.encoders import EncoderSpec
+from reglue.pipeline.encoders import EncoderSpec, FeatureEncoder
 from reglue.pipeline.extract import ExtractConfig, extract
-from reglue.pipeline.store import Cache
+from reglue.pipeline.sources import load_image
+from reglue.pipeline.store import Cache, decode_patches
 from reglue.trainer.checkpoints import load_model
 from reglue.trainer.compressor_train import CompressorConfig, layer_norm_stats, train_compressor
-from reglue.trainer.data import CacheLoader, epoch_order, prepare_batch, required_arrays
+from reglue.trainer.data import CacheLoader, epoch_order, flip_draws, layers_for, prepare_batch, required_arrays
 from reglue.trainer.loop import PAUSE_ENV, TrainConfig, train, xl_lam_warning
 from reglue.trainer.objective import get_method
+from reglue.trainer.pca import fit_pca, pca_from_moments
+from reglue.trainer.recipes import get_recipe
+from reglue.trainer.runfolder import check_same_run
 
 N, CHUNK, BATCH = 32, 8, 8
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -36,7 +40,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="session")
 def caches(tmp_path_factory):
-    """`bare`: straight from extract; `full`: plus a compressor (2 epochs of 3 steps) and its compressed features."""
+    """`bare`: straight from extract (with the mirrored views, --flip); `full`: plus a compressor (2 epochs of 3
+    steps) and its compressed features."""
     root = tmp_path_factory.mktemp("train")
     rng = np.random.default_rng(0)
     for i in range(N):
@@ -45,11 +50,11 @@ def caches(tmp_path_factory):
         Image.fromarray((rng.random((72, 80, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
     bare = str(root / "bare.zarr")
     extract(ExtractConfig(str(root / "images"), bare, EncoderSpec(preset="tiny", resolution=64),
-                          layers_limit=N, chunk_size=CHUNK, batch_size=CHUNK, num_workers=0))
+                          layers_limit=N, chunk_size=CHUNK, batch_size=CHUNK, num_workers=0, flip=True))
     full = str(root / "full.zarr")
     shutil.copytree(bare, full)
     train_compressor(CompressorConfig(full, str(root / "compressor"), epochs=2, steps_per_epoch=3, fill=True))
-    return {"bare": bare, "full": full, "compressor": root / "compressor"}
+    return {"bare": bare, "full": full, "compressor": root / "compressor", "images": root / "images"}
 
 
 def config(cache, out, **kw):
@@ -144,8 +149,14 @@ def test_each_method_trains(caches, tmp_path, method):
                and (line["proj"] != 0) == m.repa for line in lines)
     model, info = load_model(tmp_path / "snapshots" / "ema-0000003.pt")
     assert info.method.name == method and model.in_channels == 4 + m.feature_channels
+    assert info.method.vae_cfg_rule == ("redi" if method == "redi" else "reglue")  # how `sample --vae-cfg` guides it
     assert json.loads((tmp_path / "config.json").read_text())["model_kwargs"]["input_size"] == 8  # from the cache
     assert (tmp_path / "checkpoints" / "step-0000003" / "ema.pt").exists()
+    if method == "sit":  # on resume the recipe fields compare as resolved: an explicit --flip is sit's default
+        check_same_run(tmp_path, config(caches["full"], tmp_path, method=method, flip=True), get_recipe("sit"))
+        with pytest.raises(ValueError, match="flip: True there, False now"):
+            no_flip = config(caches["full"], tmp_path, method=method, flip=False)
+            check_same_run(tmp_path, no_flip, get_recipe("sit").override(flip=False))
     if method == "redi":
         assert load_file(tmp_path / "pca.safetensors")["components"].shape == (8, 32)
     if method == "reglue":
@@ -179,23 +190,136 @@ def test_xl_runs_with_features_warn_when_the_lambda_schedule_is_off(caches, tmp_
     assert xl_lam_warning(config(caches["full"], tmp_path, model="SiT-XL/2", xl_lam_schedule=True), method) is None
     assert xl_lam_warning(config(caches["full"], tmp_path, model="SiT-B/2"), method) is None
     assert xl_lam_warning(config(caches["full"], tmp_path, model="SiT-XL/2"), get_method("reg")) is None  # no features
-    args = cli_train(caches["bare"], tmp_path, "--method", "redi", "--model", "SiT-XL/4", "--window", "512",
+    # ReDi never had that schedule (its lambda is 1, transport.py:122): no warning
+    assert xl_lam_warning(config(caches["full"], tmp_path, model="SiT-XL/2"), get_method("redi")) is None
+    args = cli_train(caches["full"], tmp_path, "--method", "reglue", "--model", "SiT-XL/4", "--window", "512",
                      "--dry-run")[3:]
     result = CliRunner().invoke(app, args)  # a later --model overrides cli_train's tiny one
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("warning: SiT-XL/4 with method redi") and "--xl-lam-schedule" in result.output
+    assert "\nwarning: SiT-XL/4 with method reglue" in result.output and "--xl-lam-schedule" in result.output
     assert json.loads(result.output[result.output.index("{"):])["config"]["window"] == 512
     result = CliRunner().invoke(app, [*args, "--xl-lam-schedule"])
     assert result.exit_code == 0 and "warning" not in result.output
 
 
+# ---- the methods' own recipes -------------------------------------------------------------------
+
+RECIPE_LINES = {  # SiT-tiny/2 aligns after block 1
+    "sit": ("fp32", None, True, "recipe sit: fp32 (no autocast), no grad clipping, random horizontal flip "
+            "(follows willisma/SiT train.py:"),
+    "repa": ("bf16", 1.0, False, "recipe repa: bf16, grad clip 1, no flip, paper's DINOv2 dinov2_vitb14, REPA after "
+             "block 1 (follows sihyun-yu/REPA train.py:"),
+    "reg": ("bf16", 1.0, False, "recipe reg: bf16, grad clip 1, no flip, paper's DINOv2 dinov2_vitb14, REPA after "
+            "block 1 (follows Martinser/REG train.sh:"),
+    "redi": ("fp32", None, False, "recipe redi: fp32 (no autocast), no grad clipping, no flip, paper's DINOv2 "
+             "dinov2_vitb14_reg, lambda 1 (follows zelaki/ReDi train_redi.py:"),
+    "reglue": ("bf16", 1.0, False, "recipe reglue: bf16, grad clip 1, no flip, paper's DINOv2 dinov2_vitb14_reg, "
+               "lambda 1, REPA after block 1 (follows giorgospets/reglue train.sh:"),
+}
+
+
+def test_dry_run_prints_each_methods_own_recipe(caches, tmp_path, capsys):
+    for method, (precision, clip, flip, line) in RECIPE_LINES.items():
+        resolved = train(config(caches["full"], tmp_path, method=method, precision=None), dry_run=True)
+        out = capsys.readouterr().out
+        assert out.startswith(line), out
+        assert (resolved["recipe"]["precision"], resolved["recipe"]["grad_clip"], resolved["recipe"]["flip"]) == \
+            (precision, clip, flip)
+        # the tiny cache holds DINOv2-reg4 targets: REPA's and REG's papers used the register-free model
+        assert ("note: method " in out) == (method in ("repa", "reg")), out
+    # flags override the recipe; --grad-clip 0 turns clipping off
+    result = CliRunner().invoke(app, cli_train(caches["full"], tmp_path, "--method", "reglue", "--precision", "fp16",
+                                               "--grad-clip", "0", "--encoder-depth", "2", "--dry-run")[3:])
+    assert result.exit_code == 0, result.output
+    resolved = json.loads(result.output[result.output.index("{"):])
+    assert resolved["recipe"]["precision"] == "fp16" and resolved["recipe"]["grad_clip"] is None
+    assert resolved["model_kwargs"]["encoder_depth"] == 2 and "no grad clipping" in result.output
+
+
+def test_a_flipping_recipe_needs_the_mirrored_views(caches, tmp_path):
+    cache = str(tmp_path / "noflip.zarr")
+    shutil.copytree(caches["bare"], cache)
+    meta = zarr.open_group(cache, mode="r+").attrs["reglue"]
+    dtypes = {k: v for k, v in meta["dtypes"].items() if k != "vae_moments_flip"}
+    zarr.open_group(cache, mode="r+").attrs["reglue"] = {**meta, "dtypes": dtypes}
+    result = CliRunner().invoke(app, cli_train(cache, tmp_path / "a", "--method", "sit", "--dry-run")[3:])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "no mirrored VAE moments" in result.output and "reglue extract SRC --out NEW --flip" in result.output
+    assert train(config(cache, tmp_path / "a", method="sit", flip=False), dry_run=True)["recipe"]["flip"] is False
+    with pytest.raises(ValueError, match="cannot train with flips"):  # no DINOv2 target of the mirrored crop
+        train(config(caches["full"], tmp_path / "b", method="repa", flip=True), dry_run=True)
+
+
+def test_flip_views_are_per_sample_draws_of_the_step(caches):
+    cache = Cache.open(caches["bare"])
+    stored, mirrored = cache.read("vae_moments"), cache.read("vae_moments_flip")
+    # extract --flip stored the posterior of the mirrored crop (SiT flips after the crop, train.py:184-186)
+    encoder = FeatureEncoder(EncoderSpec(preset="tiny", resolution=64))
+    crops = torch.stack([torch.from_numpy(load_image(caches["images"] / p, 64)) for p in cache.source_paths(0, 2)])
+    want = torch.cat(encoder.vae_posterior(crops.flip(-1)), dim=1).half().numpy()
+    np.testing.assert_allclose(mirrored[:2].astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert not np.allclose(mirrored, stored[..., ::-1], atol=1e-2)  # not a mirror of the unflipped moments
+    names = ("vae_moments", "vae_moments_flip", "labels")
+    one = CacheLoader(cache, names, BATCH, seed=3, flip=True)
+    two = [CacheLoader(cache, names, BATCH, seed=3, flip=True, rank=r, world=2) for r in (0, 1)]
+    flips = []
+    for k in range(4):
+        batch = next(one)
+        rows = batch["index"].numpy()
+        flip = flip_draws(3, k, rows)
+        assert "vae_moments_flip" not in batch
+        np.testing.assert_array_equal(batch["vae_moments"].numpy(),
+                                      np.where(flip[:, None, None, None], mirrored[rows], stored[rows]))
+        for part in (next(loader) for loader in two):  # two processes: each sample takes the same view
+            where = np.searchsorted(rows, part["index"].numpy())
+            np.testing.assert_array_equal(part["vae_moments"].numpy(), batch["vae_moments"].numpy()[where])
+        flips.append(flip)
+        if k == 1:
+            resumed = CacheLoader(cache, names, BATCH, seed=3, flip=True)
+            resumed.load_state_dict(one.state_dict())
+    for k in (2, 3):  # a loader resumed at step 2 takes the same views (and draws differ between steps)
+        np.testing.assert_array_equal(flip_draws(3, k, next(resumed)["index"].numpy()), flips[k])
+    assert 0 < np.concatenate(flips).sum() < len(np.concatenate(flips))
+    for loader in (one, resumed, *two):
+        loader.close()
+
+
+def test_repa_and_cls_targets_come_from_the_last_block_of_the_layer_set(caches, tmp_path):
+    cache = str(tmp_path / "layers8-10.zarr")
+    shutil.copytree(caches["full"], cache)
+    meta = zarr.open_group(cache, mode="r+").attrs["reglue"]
+    zarr.open_group(cache, mode="r+").attrs["reglue"] = {**meta, "layers": [8, 9, 10]}  # its compressor's input
+    with pytest.raises(ValueError, match=r"block 10 \(reference train.py:319-330\).*block 11 only"):
+        train(config(cache, tmp_path / "run", method="reglue"), dry_run=True)
+    # without REPA and the CLS token there is no target to take; the method records the cache's layer set
+    assert layers_for(get_method("reglue", repa=False, cls=False), Cache.open(cache)).layers == (8, 9, 10)
+    with pytest.raises(ValueError, match=r"asks for DINOv2 blocks \(11,\).*computed from blocks \(8, 9, 10, 11\)"):
+        layers_for(get_method("reglue", layers=(11,)), Cache.open(caches["full"]))
+
+
+def test_redi_pca_is_fitted_on_the_first_images_in_sorted_order(caches):
+    cache = Cache.open(caches["bare"])
+    rows = cache.valid_indices()
+    D = cache.meta.dino_dim
+
+    def moments(ids):
+        x = decode_patches(cache.read("patches")[ids], cache.read("patches_scale")[ids]).reshape(-1, D).double()
+        return pca_from_moments(x.sum(0), x.T @ x, len(x), 8)
+
+    got, first, last = fit_pca(cache, 8, samples=12), moments(rows[:12]), moments(rows[-12:])
+    torch.testing.assert_close(got.components, first.components, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got.components, last.components, atol=1e-2)
+
+
 # ---- resume, processes, faults -----------------------------------------------------------------
 
 def test_resume_after_sigkill_is_exact(caches, tmp_path):
+    # method sit: its recipe (no clipping, random flips) makes the per-sample view choice part of what resumes
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    ref = subprocess.Popen(cli_train(caches["full"], straight, "--max-steps", "6"), env=ENV,
+    args = ("--max-steps", "6", "--method", "sit")
+    ref = subprocess.Popen(cli_train(caches["full"], straight, *args), env=ENV,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc = subprocess.Popen(cli_train(caches["full"], killed, "--max-steps", "6"), env={**ENV, PAUSE_ENV: "120"},
+    proc = subprocess.Popen(cli_train(caches["full"], killed, *args), env={**ENV, PAUSE_ENV: "120"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step-0000003").exists():
@@ -204,7 +328,7 @@ def test_resume_after_sigkill_is_exact(caches, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "checkpoints" / "step-0000006").exists()
-    subprocess.run(cli_train(caches["full"], killed, "--max-steps", "6"), env=ENV, check=True, capture_output=True)
+    subprocess.run(cli_train(caches["full"], killed, *args), env=ENV, check=True, capture_output=True)
     assert ref.wait() == 0
     a, b = (load_file(run / "checkpoints" / "step-0000006" / "model.safetensors") for run in (straight, killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -108,7 +108,7 @@ def load_model(path: str | os.PathLike) -> tuple[SiT, ModelInfo]:
     ckpt = safe_load(path, SAFE_GLOBALS, mmap=True, hint="Pass a snapshot written by `reglue train` or "
                      "an official REGLUE checkpoint (https://huggingface.co/giorgospets/reglue).")
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
-        kwargs, method, meta = ckpt["model_kwargs"], Method(**ckpt["method"]), ckpt["meta"]
+        kwargs, method, meta = ckpt["model_kwargs"], Method.from_dict(ckpt["method"]), ckpt["meta"]
         step, latent_channels = ckpt["step"], meta["latent_channels"]
         kwargs = {**kwargs, "z_dims": tuple(kwargs.get("z_dims", ()))}
     elif isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace) and "ema" in ckpt:

@@ -8,7 +8,10 @@ Order, deterministic from (seed, epoch) and independent of the number of process
      sorted by store row, and rank r takes its contiguous slice [r*b, (r+1)*b), b = B / world.
 Every valid sample appears exactly once per epoch: nothing is padded or dropped (a batch may straddle
 two epochs). The position is the number of stream samples consumed, so a run resumes on any number
-of processes. Sorting within a batch changes nothing in the step (the gradient is the batch mean; SiT
+of processes. With `flip`, each sample of global batch k takes its VAE posterior of the mirrored crop
+(`vae_moments_flip`) with probability 1/2, decided by a hash of (seed, k, store row): the same on any
+number of processes and micro-batches, and on resume (SiT's RandomHorizontalFlip, train.py:186).
+Sorting within a batch changes nothing in the step (the gradient is the batch mean; SiT
 has no batch statistics) but makes each rank's slice a narrow range of rows: with the stratified
 window, rank r reads only chunks [r, r+1) * window_chunks / world of each window (test_train_data.py).
 
@@ -33,6 +36,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -41,7 +45,7 @@ import torch.nn.functional as F
 
 from reglue.pipeline.store import decode_patches
 from reglue.trainer.draws import RANDOM, Draws
-from reglue.trainer.objective import Batch, Method
+from reglue.trainer.objective import METHODS, Batch, Method
 
 if TYPE_CHECKING:
     from reglue.trainer.pca import PCA
@@ -111,6 +115,29 @@ def _map_ahead(pool: ThreadPoolExecutor, fn, items: Sequence, ahead: int) -> Ite
         yield pending.popleft().result()
 
 
+FLIP_STREAM = 0x666C6970  # "flip": keeps the flip draws apart from any other use of (seed, step)
+
+
+def flip_draws(seed: int, step: int, rows: np.ndarray) -> np.ndarray:
+    """bool per store row: whether that sample takes its mirrored view at global batch `step` (p = 1/2).
+
+    A splitmix64 hash of the row under a (seed, step) key: each sample's draw depends on nothing else."""
+    key = np.random.SeedSequence([seed, step, FLIP_STREAM]).generate_state(1, np.uint64)[0]
+    z = np.asarray(rows, np.uint64) ^ key
+    z = z + np.uint64(0x9E3779B97F4A7C15)  # splitmix64 (Steele et al. 2014); uint64 arithmetic wraps
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return ((z ^ (z >> np.uint64(31))) >> np.uint64(63)).astype(bool)
+
+
+def pick_views(batch: dict[str, np.ndarray], seed: int, step: int) -> dict[str, np.ndarray]:
+    """`vae_moments` replaced, per sample, by `vae_moments_flip` where `flip_draws` says so (which is dropped)."""
+    flip = flip_draws(seed, step, batch["index"])
+    mirrored = batch.pop("vae_moments_flip")
+    batch["vae_moments"] = np.where(flip[:, None, None, None], mirrored, batch["vae_moments"])
+    return batch
+
+
 def _one_ahead(items: Iterator, executor: ThreadPoolExecutor) -> Iterator:
     """The endless iterator `items`, its next item computed by `executor` (one thread) while the caller
     uses the current one: double buffering, at most one item ahead."""
@@ -131,12 +158,13 @@ class CacheLoader:
     all the rows, i.e. a full shuffle, for arrays stored one row per chunk (`layers`). `read_ahead` reads
     the next window while the current one's batches are used, so that training does not stall for a
     window's read at every window boundary, for twice the RAM (two windows of rows, not one); the batches
-    are the same either way."""
+    are the same either way. `flip` (names holding `vae_moments` and `vae_moments_flip`) delivers each
+    sample's chosen view as `vae_moments` (`pick_views`)."""
 
     def __init__(self, cache, names: Sequence[str], global_batch: int, *, seed: int = 0, rank: int = 0,
                  world: int = 1, window: int = 4096, prefetch: int = 4, threads: int = 4,
                  rows: np.ndarray | None = None, pin_memory: bool = False, local_reads: bool = True,
-                 chunk_size: int | None = None, read_ahead: bool = True):
+                 chunk_size: int | None = None, read_ahead: bool = True, flip: bool = False):
         if global_batch % world:
             raise ValueError(f"the global batch ({global_batch}) must be divisible by the number of "
                              f"processes ({world}); change --global-batch or the process count")
@@ -148,7 +176,9 @@ class CacheLoader:
         self.window_chunks = max(1, window // self.chunk_size)
         self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world
         self.prefetch, self.threads, self.pin_memory, self.local_reads = prefetch, threads, pin_memory, local_reads
-        self.read_ahead = read_ahead
+        self.read_ahead, self.flip = read_ahead, flip
+        if flip and not {"vae_moments", "vae_moments_flip"} <= set(self.names):
+            raise ValueError("flip needs both `vae_moments` and `vae_moments_flip` among the arrays read")
         self.position = 0  # stream samples consumed, a multiple of global_batch
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._thread: threading.Thread | None = None
@@ -248,7 +278,9 @@ class CacheLoader:
             # Exits in reverse order: the read-ahead thread (a read stops at `stop`) before the pool it uses.
             reader = ThreadPoolExecutor(1, thread_name_prefix="reglue-read-ahead") if self.read_ahead else None
             with ThreadPoolExecutor(self.threads, thread_name_prefix="reglue-read") as pool, reader or nullcontext():
-                for batch in self._rank_batches(start, pool, stop, reader):
+                for step, batch in enumerate(self._rank_batches(start, pool, stop, reader), start // self.global_batch):
+                    if self.flip:
+                        batch = pick_views(batch, self.seed, step)
                     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
                     if self.pin_memory:
                         tensors = {k: v.pin_memory() for k, v in tensors.items()}
@@ -309,9 +341,14 @@ PATCH_ARRAYS = ("patches", "patches_scale")
 """The last-layer patch tokens in their stored encoding (pipeline.store.decode_patches)."""
 
 
-def required_arrays(method: Method, cache) -> tuple[str, ...]:
-    """The arrays a method reads, after checking the cache has them (a clear error naming the fix)."""
-    names = ["vae_moments", "labels"]
+def required_arrays(method: Method, cache, flip: bool = False) -> tuple[str, ...]:
+    """The arrays a method reads (with `flip`, the mirrored VAE moments too), after checking the cache has
+    them (a clear error naming the fix)."""
+    if flip and not cache.has("vae_moments_flip"):
+        raise ValueError(f"method {method.name!r} trains with random horizontal flips (its paper's recipe: SiT "
+                         f"train.py:186) but {cache.url} has no mirrored VAE moments: extract a cache with them "
+                         "(`reglue extract SRC --out NEW --flip`), or pass --no-flip to train without flips")
+    names = ["vae_moments", "labels"] + (["vae_moments_flip"] if flip else [])
     needs = {"cls": method.cls, "patches": method.repa or method.features == "pca",
              "compressed": method.features == "compressed"}
     fixes = {"compressed": "add them with `reglue train-compressor --cache CACHE --out DIR --fill` (or, with an "
@@ -326,6 +363,28 @@ def required_arrays(method: Method, cache) -> tuple[str, ...]:
                              "does without them (sit needs only the VAE moments)")
     names += [n for n in ("cls", "compressed") if needs[n]]
     return tuple(names) + (PATCH_ARRAYS if needs["patches"] else ())
+
+
+def layers_for(method: Method, cache) -> Method:
+    """The method with the cache's DINOv2 layer set, from which its compressed features were computed
+    (`meta.layers`), after checking that the cached REPA and CLS targets are those the reference takes: the
+    last block of that set (train.py:319-330). A layer set other than the preset's must match the cache's."""
+    if method.features != "compressed":
+        return method
+    cached, preset = tuple(cache.meta.layers), METHODS.get(method.name)
+    if method.layers != cached:
+        if preset is None or method.layers != preset.layers:
+            raise ValueError(f"method {method.name!r} asks for DINOv2 blocks {method.layers} but the compressed "
+                             f"features of {cache.url} were computed from blocks {cached}: extract a cache with "
+                             f"that layer set and fill its compressed features, or use layers={cached}")
+        method = replace(method, layers=cached)
+    target = cache.meta.encoders.get("dino_depth", cached[-1] + 1) - 1  # cls/patches: the encoder's last block
+    if (method.cls or method.repa) and cached[-1] != target:
+        raise ValueError(f"method {method.name!r} takes its REPA target and CLS token from the last block of its "
+                         f"layer set, block {cached[-1]} (reference train.py:319-330), but {cache.url} holds them "
+                         f"for block {target} only: extract a cache whose layer set ends in block {target}, or "
+                         "turn REPA and the CLS token off for this ablation (repa=False, cls=False)")
+    return method
 
 
 def prepare_batch(raw: dict[str, torch.Tensor], method: Method, meta, device: torch.device,

@@ -6,7 +6,9 @@ A step draws, in the reference's order (train.py + loss.py + models/sit.py):
      `torch.randn`, for the lognormal weighting, loss.py:62);
   3. `noise`: the noise of the latent and feature channels, `torch.randn_like(x)` (loss.py:72);
   4. `noise_cls`: the noise of the CLS token, `torch.randn_like(cls)` (loss.py:73);
-  5. `label_drop`: the uniforms of the label dropout, `torch.rand(B)` inside the model (sit.py:88).
+  5. `label_drop`: the uniforms of the label dropout, `torch.rand(B)` inside the model (sit.py:88);
+  (ReDi's representation dropout, when on, draws `representation_drop` after the noises, as ReDi's
+  transport.py:133-136 draws it after t and the noise.)
 
 `Draws()` makes exactly these calls on torch's global RNGs, which the loop seeds per micro-batch
 (trainer.loop.micro_seed); it is what `reglue train` uses. `prepare_batch`, `loss_terms` and the SiT's
@@ -41,6 +43,12 @@ class Draws:
     def noise_cls(self, cls: torch.Tensor) -> torch.Tensor:
         """N(0, 1) like the clean CLS token (B, D)."""
         return torch.randn_like(cls)
+
+    def representation_drop(self) -> float:
+        """U[0, 1) on the CPU: ReDi's representation dropout hits a micro-batch where it is below
+        `dino_drop_prob` (ReDi draws Python's `random.random()`; torch's CPU RNG keeps the draw seeded
+        per micro-batch and so resumable)."""
+        return float(torch.rand(()))
 
     def label_drop(self, labels: torch.Tensor) -> torch.Tensor:
         """U[0, 1) per label on the labels' device; a label is dropped where it is below the dropout rate."""

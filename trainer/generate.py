@@ -52,12 +52,14 @@ class PerSampleNoise:
 @torch.no_grad()
 def generate_images(model, vae, indices: list[int], *, seed: int, latent_channels: int, scaling_factor: float,
                     sampler: SamplerConfig = SamplerConfig(), labels: str = "random",
-                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                    device: torch.device | str = "cpu",
+                    vae_cfg_rule: str = "reglue") -> tuple[torch.Tensor, torch.Tensor]:
     """Images uint8 [B,H,W,3] and labels [B] (on the CPU) for sample indices, one model batch.
 
     Per sample, in order from its generator: the label (randint, as the reference's random labels;
     replaced by index % num_classes when `labels="balanced"`), the initial latent [C,h,h] and the CLS
-    state [D], both float32 N(0,1) like generate.py:130-132, then the SDE noise."""
+    state [D], both float32 N(0,1) like generate.py:130-132, then the SDE noise. `vae_cfg_rule` is the
+    model's method's (ModelInfo.method.vae_cfg_rule): what `sampler.vae_cfg` means for it."""
     if labels not in ("random", "balanced"):
         raise ValueError(f"labels must be 'random' or 'balanced'; got {labels!r}")
     device = torch.device(device)
@@ -77,7 +79,7 @@ def generate_images(model, vae, indices: list[int], *, seed: int, latent_channel
             cls.append(torch.randn(model.cls_dim, generator=g, device=device))
     y = torch.stack(y)
     x0, _ = sample(model, torch.stack(x), y, torch.stack(cls) if cls else None, sampler,
-                   latent_channels=latent_channels, noise=PerSampleNoise(gens))
+                   latent_channels=latent_channels, noise=PerSampleNoise(gens), vae_cfg_rule=vae_cfg_rule)
     return decode(vae, x0, latent_channels, scaling_factor).cpu(), y.cpu()
 
 
@@ -158,7 +160,8 @@ def generate(cfg: GenerateConfig) -> Path:
             for batch in _batches(_part_indices(cfg, k), cfg.batch_size):
                 img, y = generate_images(model, vae, batch, seed=cfg.seed, latent_channels=info.latent_channels,
                                          scaling_factor=info.vae_scaling_factor, sampler=sampler,
-                                         labels=cfg.labels, device=acc.device)
+                                         labels=cfg.labels, device=acc.device,
+                                         vae_cfg_rule=info.method.vae_cfg_rule)
                 images.append(img.numpy())
                 labels.append(y.numpy())
                 bar.update(len(batch))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -27,13 +28,15 @@ import torch
 from reglue.pipeline.compressor import safe_load
 from reglue.pipeline.store import Cache
 from reglue.trainer.checkpoints import save_snapshot, snapshot_payload
-from reglue.trainer.data import CacheLoader, prepare_batch, required_arrays
+from reglue.trainer.data import CacheLoader, layers_for, prepare_batch, required_arrays
 from reglue.trainer.draws import RANDOM, Draws
 from reglue.trainer.ema import EMA
 from reglue.trainer.inception import Inception
 from reglue.trainer.metrics import Reference, load_reference
 from reglue.trainer.models import SiT, count_parameters, preset_kwargs
 from reglue.trainer.objective import XL_LAM_SCHEDULE, Batch, Method, get_method, loss_terms, sit_io
+from reglue.trainer.pca import REDI_PCA_SAMPLES
+from reglue.trainer.recipes import RECIPES, Recipe, encoder_note, get_recipe
 from reglue.trainer.runfolder import (
     append_log,
     check_same_run,
@@ -53,7 +56,9 @@ PAUSE_ENV = "REGLUE_PAUSE_AFTER_CHECKPOINT"
 
 @dataclass
 class TrainConfig:
-    """Everything `reglue train` needs; defaults are the reference's (reference-implementation.md §6)."""
+    """Everything `reglue train` needs; defaults are the reference's (reference-implementation.md §6), and the
+    recipe fields (precision, grad_clip, flip, encoder_depth, dino_drop_prob) default to None = the method's
+    paper's (trainer.recipes.RECIPES; the SiT preset for encoder_depth); a value overrides it."""
 
     cache: str
     """URL or path of the feature cache (`reglue extract`)."""
@@ -78,16 +83,24 @@ class TrainConfig:
     """AdamW betas."""
     adam_eps: float = 1e-8
     """AdamW epsilon."""
-    grad_clip: float = 1.0
-    """Max global grad norm (accelerator.clip_grad_norm_, unscaled first; train.py:363-365)."""
+    grad_clip: float | None = None
+    """Max global grad norm (accelerator.clip_grad_norm_, unscaled first; train.py:363-365); None = the
+    method's (1.0 for repa, reg, reglue; none for sit, redi), 0 = no clipping."""
+    flip: bool | None = None
+    """Random horizontal flips (needs `reglue extract --flip`); None = the method's (sit only)."""
+    encoder_depth: int | None = None
+    """SiT block whose output REPA aligns; None = the preset's (4 for S/B, 8 for L/XL)."""
+    dino_drop_prob: float | None = None
+    """ReDi's representation dropout probability (methods with semantic channels); None = the method's (0)."""
     ema_decay: float = 0.9999
     """EMA decay, applied after every optimizer step from step 1, starting from a copy."""
     xl_lam_schedule: bool = False
     """Apply the reference's hidden SiT-XL feature-loss schedule (lambda x0.5 from 250K, x0.25 from
     500K; train.py:349-354), which it keys on "XL" in the model name. Off: lambda stays 1, and an XL
-    preset with feature channels prints a warning at start."""
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """Autocast precision: bf16 (default), fp16 with a GradScaler (the reference's), or fp32."""
+    reglue run prints a warning at start (the other methods' papers never had this schedule)."""
+    precision: Literal["bf16", "fp16", "fp32"] | None = None
+    """Autocast precision: bf16, fp16 with a GradScaler (the reference's), or fp32; None = the method's
+    (bf16 for repa, reg, reglue; fp32 for sit, redi)."""
     tf32: bool = True
     """Allow TF32 matmuls and convolutions on CUDA (reference --allow-tf32)."""
     compile: bool = False
@@ -132,15 +145,22 @@ class TrainConfig:
     the first window's read."""
     prefetch: int = 4
     """Batches the loader thread reads ahead."""
-    pca_samples: int = 4096
-    """Images whose patch tokens fit ReDi's PCA (method redi only)."""
+    pca_samples: int = REDI_PCA_SAMPLES
+    """Method redi: fit the PCA on the first this many images in sorted order (calc_pca.py: 302 x 256)."""
+    pca_file: str | None = None
+    """Method redi: use this PCA instead of fitting one: ReDi's released pcs/dino_pca_model.pth or a
+    reglue pca.safetensors."""
     trackers: tuple[str, ...] = ("tensorboard",)
     """Accelerate trackers: any of tensorboard, wandb (needs `pip install wandb`); () for none."""
 
     def __post_init__(self):
         self.betas, self.trackers = tuple(self.betas), tuple(self.trackers)
-        if self.precision not in ("bf16", "fp16", "fp32"):
+        if self.precision not in (None, "bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32; got {self.precision!r}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 turns clipping off); got {self.grad_clip}")
+        if self.encoder_depth is not None and self.encoder_depth < 1:
+            raise ValueError(f"encoder_depth must be >= 1; got {self.encoder_depth}")
         for name in ("max_steps", "global_batch", "log_every", "ckpt_every", "keep_last", "snapshot_every",
                      "sample_steps", "window", "prefetch", "pca_samples", "fid_steps", "fid_batch"):
             if getattr(self, name) <= 0:
@@ -169,7 +189,9 @@ class Plan:
     """What the config means for this cache and process count."""
 
     method: Method
-    """The method preset (with the XL lambda schedule when asked for)."""
+    """The method preset (with the XL lambda schedule and dropout when asked for, the cache's layer set)."""
+    recipe: Recipe
+    """Its paper's training recipe with the config's overrides (precision, clipping, flips)."""
     model_kwargs: dict = field(repr=False)
     """SiT kwargs: the preset's widths plus the input size and channels, CLS and REPA dims of the cache."""
     arrays: tuple[str, ...]
@@ -186,14 +208,27 @@ class Plan:
     """Micro-batches per step and process (per_rank / micro)."""
 
 
+def resolve_recipe(cfg: TrainConfig) -> Recipe:
+    """The method's paper's recipe (trainer.recipes) with the config's overrides."""
+    return get_recipe(cfg.method).override(precision=cfg.precision, grad_clip=cfg.grad_clip, flip=cfg.flip)
+
+
 def make_plan(cfg: TrainConfig, cache: Cache, world: int) -> Plan:
-    """Derive the method, the SiT kwargs and the batch split; refuse what the cache cannot feed."""
-    method = get_method(cfg.method, **({"lam_schedule": XL_LAM_SCHEDULE} if cfg.xl_lam_schedule else {}))
+    """Derive the method, its recipe, the SiT kwargs and the batch split; refuse what the cache cannot feed."""
+    overrides = {"lam_schedule": XL_LAM_SCHEDULE} if cfg.xl_lam_schedule else {}
+    if cfg.dino_drop_prob is not None:
+        overrides["dino_drop_prob"] = cfg.dino_drop_prob
     m = cache.meta
-    arrays = required_arrays(method, cache)
+    method, recipe = layers_for(get_method(cfg.method, **overrides), cache), resolve_recipe(cfg)
+    if recipe.flip and method.uses_dino:
+        raise ValueError(f"method {method.name!r} cannot train with flips: its DINOv2 inputs and targets are cached "
+                         "for the unflipped crop only, and none of REPA, REG, ReDi or REGLUE flips (their "
+                         "dataset.py has none; ReDi's flip transform is unused, train_redi.py:228-235); drop --flip")
+    arrays = required_arrays(method, cache, recipe.flip)
     io = sit_io(method, latent_channels=m.latent_channels, latent_size=m.latent_size, dino_dim=m.dino_dim,
                 compressed_channels=m.compressed_channels)
-    model_kwargs = {**preset_kwargs(cfg.model), **io, "num_classes": m.num_classes}
+    depth = {"encoder_depth": cfg.encoder_depth} if cfg.encoder_depth else {}
+    model_kwargs = {**preset_kwargs(cfg.model), **depth, **io, "num_classes": m.num_classes}
     if cfg.global_batch % world:
         raise ValueError(f"global batch {cfg.global_batch} is not divisible by the {world} processes")
     per_rank = cfg.global_batch // world
@@ -206,13 +241,25 @@ def make_plan(cfg: TrainConfig, cache: Cache, world: int) -> Plan:
                "vae_scaling_factor": m.vae_scaling_factor, "dino_dim": m.dino_dim, "num_patches": m.num_patches,
                "compressed_channels": m.compressed_channels, "compressor": m.compressor,
                "num_classes": m.num_classes, "encoders": m.encoders, "chunk_size": m.chunk_size}
-    return Plan(method, model_kwargs, arrays, summary, world, per_rank, micro, per_rank // micro)
+    return Plan(method, recipe, model_kwargs, arrays, summary, world, per_rank, micro, per_rank // micro)
+
+
+def recipe_line(plan: Plan) -> str:
+    """The resolved recipe in one line, printed at the start of every run and of --dry-run."""
+    m, k = plan.method, plan.model_kwargs
+    lam = ", ".join(f"{v:g}" + (f" from step {s:,}" if s else "") for s, v in m.lam_schedule)
+    parts = [plan.recipe.summary(), f"lambda {lam}" if m.features != "none" else None,
+             f"REPA after block {k['encoder_depth']}" if m.repa else None,
+             f"representation dropout {m.dino_drop_prob:g}" if m.dino_drop_prob else None]
+    return (f"recipe {m.name}: " + ", ".join(p for p in parts if p)
+            + (f" (follows {plan.recipe.source})" if plan.recipe.source else ""))
 
 
 def xl_lam_warning(cfg: TrainConfig, method: Method) -> str | None:
-    """One line when an XL run with feature channels leaves the reference's lambda schedule off: the reference
-    applies it to any model with "XL" in its name (train.py:349-354); here it is an explicit choice."""
-    if "XL" not in cfg.model or method.features == "none" or cfg.xl_lam_schedule:
+    """One line when an XL run of a method whose paper's code had the XL lambda schedule (REGLUE's: it applies
+    it to any model with "XL" in its name, train.py:349-354) leaves it off; here it is an explicit choice."""
+    recipe = RECIPES.get(method.name)
+    if "XL" not in cfg.model or method.features == "none" or cfg.xl_lam_schedule or not (recipe and recipe.xl_lam_rule):
         return None
     return (f"warning: {cfg.model} with method {method.name}: the reference halves the feature-loss weight lambda "
             "at step 250K and quarters it at 500K for XL models (train.py:349-354); this run keeps lambda = 1. "
@@ -243,29 +290,34 @@ def micro_seed(seed: int, step: int, micro: int) -> int:
 
 def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     """Train (or resume) the run in `cfg.out`; with `dry_run`, print the resolved config and return it."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
-    # 1. Accelerator, precision, run folder.
+    # 1. Cache and plan: every dimension from the cache's meta, the method, its recipe and the preset.
     run = Path(cfg.out)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
-        log_with=list(cfg.trackers) or None, project_dir=str(run),
-        dynamo_backend="inductor" if cfg.compile else "no")
-    if cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    say = accelerator.print
-
-    # 2. Cache and plan: every dimension from the cache's meta, the method and the preset.
+    state = PartialState(cpu=not torch.cuda.is_available())  # the process count; no precision chosen yet
+    say = state.print
     cache = Cache.open(cfg.cache)
-    plan = make_plan(cfg, cache, accelerator.num_processes)
-    if warning := xl_lam_warning(cfg, plan.method):
-        say(warning)
+    plan = make_plan(cfg, cache, state.num_processes)
+    say(recipe_line(plan))
+    for line in (xl_lam_warning(cfg, plan.method),
+                 encoder_note(plan.method.name, plan.recipe, cache.meta, plan.method.uses_dino)):
+        if line:
+            say(line)
     if dry_run:
         resolved = resolved_config(cfg, plan, count_parameters(cfg.model, **plan.model_kwargs))
         say(json.dumps(resolved, indent=2, default=str))
         return resolved
-    check_same_run(run, cfg)
+
+    # 2. Accelerator in the recipe's precision, run folder.
+    precision = plan.recipe.precision
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision={"fp32": "no"}.get(precision, precision),
+        log_with=list(cfg.trackers) or None, project_dir=str(run),
+        dynamo_backend="inductor" if cfg.compile else "no")
+    if cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    check_same_run(run, cfg, plan.recipe)
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
 
@@ -278,10 +330,10 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = CacheLoader(cache, plan.arrays, cfg.global_batch, seed=cfg.seed, rank=accelerator.process_index,
                          world=plan.world, window=cfg.window, prefetch=cfg.prefetch,
-                         pin_memory=accelerator.device.type == "cuda")
+                         pin_memory=accelerator.device.type == "cuda", flip=plan.recipe.flip)
     progress = Progress()
     accelerator.register_for_checkpointing(loader, progress)
-    pca = load_or_fit_pca(run, cache, plan.method, cfg.pca_samples, accelerator)
+    pca = load_or_fit_pca(run, cache, plan.method, cfg.pca_samples, accelerator, cfg.pca_file)
     # Evaluation inputs fail early (a missing VAE, reference or Inception file), not at the first grid or FID.
     vae = (load_grid_vae(cache, accelerator.device)
            if cfg.fid_every or (cfg.sample_every and accelerator.is_main_process) else None)
@@ -342,7 +394,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
             break
         # 5.7 One optimizer step, then the EMA.
         terms, grad_norm = train_step(accelerator, model, optimizer, next(loader), make_batch, plan, cfg.seed,
-                                      cfg.grad_clip, step)
+                                      plan.recipe.grad_clip, step)
         ema.update(bare)
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(terms[0]), step + 1, bad_step)
         sums += torch.cat([terms, grad_norm.reshape(1)])
@@ -358,14 +410,16 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def train_step(accelerator, model, optimizer, raw: dict, make_batch: Callable[[dict, Draws], Batch], plan: Plan,
-               seed: int, grad_clip: float, step: int, draws: Draws = RANDOM) -> tuple[torch.Tensor, torch.Tensor]:
+               seed: int, grad_clip: float | None, step: int,
+               draws: Draws = RANDOM) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on this process's share `raw` of a global batch, in `plan.accum` micro-batches
     (train.py:343-367): `make_batch(rows, draws)` (posterior sample), the loss (t, noise, CLS noise, label
     dropout), backward, `clip_grad_norm_`, AdamW. `step` counts the steps already taken (train.py's
     global_step). Every draw comes from `draws` (trainer.draws), after the global RNGs are seeded for
     this micro-batch.
 
-    Returns the loss terms (TERMS order, averaged over micro-batches) and the grad norm before clipping."""
+    Returns the loss terms (TERMS order, averaged over micro-batches) and the grad norm before clipping;
+    `grad_clip` None = no clipping."""
     terms = torch.zeros(len(TERMS), device=accelerator.device)
     for a in range(plan.accum):
         torch.manual_seed(micro_seed(seed, step, accelerator.process_index * plan.accum + a))
@@ -375,7 +429,9 @@ def train_step(accelerator, model, optimizer, raw: dict, make_batch: Callable[[d
             out = loss_terms(model, batch, plan.method, step, draws)
             accelerator.backward(out["loss"] / plan.accum)
         terms += torch.stack([out[k].detach() for k in TERMS]) / plan.accum
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)  # the total norm before clipping
+    # The total norm before clipping. No clipping (SiT, ReDi) still measures it for the log: clipping at
+    # inf scales by exactly 1.
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), math.inf if grad_clip is None else grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return terms, grad_norm

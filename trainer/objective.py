@@ -70,6 +70,13 @@ class Method:
     weighting: Literal["uniform", "lognormal"] = "uniform"
     """Time sampling (train.py `--weighting`, loss.py:57-67): t ~ U[0, 1) (every paper's), or EDM's
     lognormal sigma = exp(N(0, 1)) mapped to t by the path."""
+    dino_drop_prob: float = 0.0
+    """ReDi's representation dropout (`--dino-drop-prob`, off by default; transport.py:134-137): with this
+    probability a micro-batch's semantic channels are zeroed and their loss weight set to 0."""
+    vae_cfg_rule: Literal["reglue", "redi"] = "reglue"
+    """How sampling with `vae_cfg` guides this model's latent channels (trainer.sampling): 'reglue' (the
+    reference's c + s(c - u), SDE loop steps only) or 'redi' (ReDi's u + s(c - u), every step;
+    models.py:309-327)."""
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -87,6 +94,22 @@ class Method:
         if self.path not in ("linear", "cosine") or self.weighting not in ("uniform", "lognormal"):
             raise ValueError(f"path must be linear|cosine and weighting uniform|lognormal (loss.py:36-67); "
                              f"got {self.path!r}, {self.weighting!r}")
+        if not 0 <= self.dino_drop_prob < 1 or (self.dino_drop_prob and self.features == "none"):
+            raise ValueError(f"dino_drop_prob must be in [0, 1) and needs semantic channels; got {self.dino_drop_prob} "
+                             f"with features={self.features!r}")
+        if self.vae_cfg_rule not in ("reglue", "redi"):
+            raise ValueError(f"vae_cfg_rule must be 'reglue' or 'redi'; got {self.vae_cfg_rule!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Method:
+        """A Method saved as a dict (snapshots); fields it predates take its preset's values, by name."""
+        base = METHODS.get(d.get("name"))
+        return replace(base, **d) if base is not None else cls(**d)
+
+    @property
+    def uses_dino(self) -> bool:
+        """Whether any input or target comes from DINOv2 (semantic channels, CLS token, REPA target)."""
+        return self.features != "none" or self.cls or self.repa
 
     def lam(self, step: int) -> float:
         """lambda in effect at optimizer step `step` (0-based count of steps already taken)."""
@@ -101,7 +124,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sit"),  # latents only (SiT)
     Method("repa", repa=True),  # + alignment of block encoder_depth with DINOv2 (REPA)
     Method("reg", cls=True, repa=True),  # + the noisy [CLS] token entangled (REG)
-    Method("redi", features="pca", feature_channels=8),  # + PCA-8 patch features (ReDi)
+    Method("redi", features="pca", feature_channels=8, vae_cfg_rule="redi"),  # + PCA-8 patch features (ReDi)
     Method("reglue", features="compressed", feature_channels=16, cls=True, repa=True),  # REGLUE
 )}
 
@@ -170,7 +193,8 @@ def _joint(batch: Batch) -> torch.Tensor:
 
 def per_sample_losses(model: SiT, batch: Batch, method: Method,
                       draws: Draws = RANDOM) -> dict[str, torch.Tensor | None]:
-    """Unweighted terms: 'latent', 'feature', 'cls' per sample (B,), 'proj' a scalar; None if absent.
+    """Unweighted terms: 'latent', 'feature', 'cls' per sample (B,), 'proj' a scalar (None if absent), and
+    'dropped': whether ReDi's representation dropout hit this micro-batch.
 
     Draws t, the noise, the CLS noise and (in train() mode, inside the model) the label dropout from
     `draws`, in the reference's order (loss.py:57-86, sit.py:88)."""
@@ -178,6 +202,9 @@ def per_sample_losses(model: SiT, batch: Batch, method: Method,
     t = draw_time(x, method, draws)  # (B, 1, 1, 1)
     noise = draws.noise(x)  # (B, C, h, h)
     noise_cls = draws.noise_cls(batch.cls) if batch.cls is not None else None  # (B, D)
+    dropped = bool(method.dino_drop_prob) and draws.representation_drop() < method.dino_drop_prob
+    if dropped:  # ReDi's representation dropout (transport.py:133-136): clean semantic channels zeroed
+        x = torch.cat([batch.latent, torch.zeros_like(batch.features)], dim=1)
     alpha, sigma, d_alpha, d_sigma = interpolant(t, method.path)
     x_t = alpha * x + sigma * noise  # (B, C, h, h)
     v = d_alpha * x + d_sigma * noise  # d/dt x_t: the v-target (linear: noise - x)
@@ -188,7 +215,7 @@ def per_sample_losses(model: SiT, batch: Batch, method: Method,
     err = (v_hat - v) ** 2  # (B, C, h, h)
     zc = batch.latent.shape[1]
     out: dict[str, torch.Tensor | None] = {"latent": err[:, :zc].mean(dim=(1, 2, 3)), "feature": None,
-                                           "cls": None, "proj": None}
+                                           "cls": None, "proj": None, "dropped": dropped}
     if batch.features is not None:
         out["feature"] = err[:, zc:].mean(dim=(1, 2, 3))
     if batch.cls is not None:
@@ -218,9 +245,11 @@ def loss_terms(model: SiT, batch: Batch, method: Method, step: int,
         if on != (value is not None):
             raise ValueError(f"method {method.name!r} {'needs' if on else 'does not use'} batch.{name}")
     per = per_sample_losses(model, batch, method, draws)
+    # ReDi's representation dropout also sets the feature loss weight to 0 (transport.py:134, 161).
+    lam = 0.0 if per["dropped"] else method.lam(step)
     zero = batch.latent.new_zeros(())
     latent = per["latent"].mean()
-    feature = method.lam(step) * per["feature"].mean() if per["feature"] is not None else zero
+    feature = lam * per["feature"].mean() if per["feature"] is not None else zero
     proj = method.w_proj * per["proj"] if per["proj"] is not None else zero
     cls = method.w_cls * per["cls"].mean() if per["cls"] is not None else zero
     return {"loss": latent + feature + proj + cls, "latent": latent, "feature": feature, "cls": cls, "proj": proj}

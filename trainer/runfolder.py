@@ -7,7 +7,7 @@ the model, EMA, optimizer, GradScaler, every RNG, the step and the loader positi
   RUN/log.jsonl            one line per report and per FID evaluation (rewound to the checkpoint on resume)
   RUN/checkpoints/step-N/  full training state (accelerate save_state) + ema.pt; the last k kept
   RUN/snapshots/ema-N.pt   small EMA-only files for sampling (trainer.checkpoints format)
-  RUN/pca.safetensors      ReDi's PCA, fitted once (method redi)
+  RUN/pca.safetensors      ReDi's PCA, fitted or read from --pca-file once (method redi)
   RUN/samples/grid-N.png   16 EMA samples at fixed noise and classes every --sample-every steps
   RUN/tensorboard/         TensorBoard events
 
@@ -31,7 +31,7 @@ import torch
 
 from reglue.pipeline.store import Cache
 from reglue.trainer.objective import Method
-from reglue.trainer.pca import PCA, fit_pca
+from reglue.trainer.pca import PCA, fit_pca, load_pca_file
 
 if TYPE_CHECKING:
     from reglue.trainer.loop import Plan, TrainConfig
@@ -46,12 +46,13 @@ RUN_CONTROL = ("max_steps", "log_every", "ckpt_every", "keep_last", "snapshot_ev
 # ---- config.json --------------------------------------------------------------------------------
 
 def resolved_config(cfg: TrainConfig, plan: Plan, parameters: int) -> dict:
-    """config.json: the config, what it resolved to, the versions, the cache."""
+    """config.json: the config, what it resolved to (method, recipe, SiT kwargs), the versions, the cache."""
     import accelerate
     import zarr
 
     from reglue import __version__
     return {"config": dataclasses.asdict(cfg), "method": dataclasses.asdict(plan.method),
+            "recipe": dataclasses.asdict(plan.recipe),
             "model_kwargs": plan.model_kwargs, "parameters": parameters,
             "processes": plan.world, "per_process_batch": plan.per_rank, "micro_batch": plan.micro,
             "accumulation": plan.accum, "arrays": list(plan.arrays), "cache": plan.meta_summary,
@@ -59,13 +60,18 @@ def resolved_config(cfg: TrainConfig, plan: Plan, parameters: int) -> dict:
                          "accelerate": accelerate.__version__, "numpy": np.__version__, "zarr": zarr.__version__}}
 
 
-def check_same_run(run: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume a run folder that holds a run of another config (RUN_CONTROL fields may change)."""
+def check_same_run(run: Path, cfg: TrainConfig, recipe=None) -> None:
+    """Refuse to resume a run folder that holds a run of another config (RUN_CONTROL fields may change).
+    With the resolved `recipe`, its fields compare as resolved (`--precision fp32` = sit's default)."""
     path = run / "config.json"
     if not path.exists() or latest_checkpoint(run) is None:
         return
-    stored = json.loads(path.read_text())["config"]
+    saved = json.loads(path.read_text())
+    stored = saved["config"]
     mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if recipe is not None and "recipe" in saved:
+        for key in ("precision", "grad_clip", "flip"):
+            stored[key], mine[key] = saved["recipe"][key], getattr(recipe, key)
     diff = [f"{k}: {stored.get(k)!r} there, {mine[k]!r} now" for k in mine
             if k not in RUN_CONTROL and stored.get(k) != mine[k]]
     if diff:
@@ -125,14 +131,21 @@ def rewind_log(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
-def load_or_fit_pca(run: Path, cache: Cache, method: Method, samples: int, accelerator) -> PCA | None:
-    """ReDi's PCA: fitted once by process 0 into RUN/pca.safetensors, then read by every process."""
+def load_or_fit_pca(run: Path, cache: Cache, method: Method, samples: int, accelerator,
+                    pca_file: str | None = None) -> PCA | None:
+    """ReDi's PCA, made once by process 0 into RUN/pca.safetensors (from `pca_file`, e.g. ReDi's released
+    pcs/dino_pca_model.pth, else fitted on the cache's first `samples` images), then read by every process."""
     if method.features != "pca":
         return None
     path = run / "pca.safetensors"
     if accelerator.is_main_process and not path.exists():
+        k = method.feature_channels
+        pca = load_pca_file(pca_file, k) if pca_file else fit_pca(cache, k, samples, accelerator.device)
+        if pca.mean.shape[0] != cache.meta.dino_dim:
+            raise ValueError(f"{pca_file} is a PCA of {pca.mean.shape[0]}-dim tokens; {cache.url} holds "
+                             f"{cache.meta.dino_dim}-dim DINOv2 tokens")
         path.parent.mkdir(parents=True, exist_ok=True)
-        fit_pca(cache, method.feature_channels, samples).save(path.with_suffix(".tmp"))
+        pca.save(path.with_suffix(".tmp"))
         os.replace(path.with_suffix(".tmp"), path)
     accelerator.wait_for_everyone()
     return PCA.load(path)

@@ -46,8 +46,9 @@ class SamplerConfig:
     guidance_high: float = 0.9
     """See guidance_low. eval.sh uses 0.9 (REG used 0.85)."""
     vae_cfg: bool = False
-    """The reference's --vae_cfg: guide only the latent channels, with its non-standard
-    d_c + s*(d_c - d_u), in the SDE loop steps (the final step stays standard, on all channels)."""
+    """Guide only the latent channels, by the rule of the model's method: REGLUE's --vae_cfg (its non-standard
+    d_c + s*(d_c - d_u), SDE loop steps only; the final step stays standard, on all channels) or, for a
+    redi model, ReDi's --cfg-vae (standard u + s(c - u) on the latent channels, every step)."""
     ode_solver: str = "heun"
     """"euler" or "heun" (ODE mode only)."""
     precision: str = "fp32"
@@ -153,19 +154,25 @@ def _velocity(model, x, cls, y, t: torch.Tensor, guided: bool, precision: str):
     return v.double(), None if cls_v is None else cls_v.double(), x, cls, time
 
 
-def _guide(d: torch.Tensor, scale: float, latent_only: int | None = None) -> torch.Tensor:
-    """Standard CFG d_u + s*(d_c - d_u); with `latent_only=zc`, the reference's --vae_cfg rule
-    (samplers.py, REGLUE addition): d_c + s*(d_c - d_u) on channels < zc, d_c elsewhere."""
+def _guide(d: torch.Tensor, scale: float, latent_only: int | None = None, rule: str = "reglue") -> torch.Tensor:
+    """Standard CFG d_u + s*(d_c - d_u); with `latent_only=zc`, guidance of channels < zc only, d_c elsewhere:
+    rule 'reglue' is the reference's --vae_cfg (samplers.py, REGLUE addition) d_c + s*(d_c - d_u), rule
+    'redi' is ReDi's --cfg-vae u + s(c - u) (models.py:318-323; the kept half's features are conditional)."""
     cond, uncond = d.chunk(2)
     if latent_only is None:
         return uncond + scale * (cond - uncond)
     out = cond.clone()
-    out[:, :latent_only] = cond[:, :latent_only] + scale * (cond[:, :latent_only] - uncond[:, :latent_only])
+    base = uncond if rule == "redi" else cond
+    out[:, :latent_only] = base[:, :latent_only] + scale * (cond[:, :latent_only] - uncond[:, :latent_only])
     return out
 
 
-def _drift(model, x, cls, y, t: torch.Tensor, cfg: SamplerConfig, latent_channels: int, final: bool):
-    """Guided drift of the latent and the CLS state: SDE drift v - t*s, or the velocity for the ODE."""
+def _drift(model, x, cls, y, t: torch.Tensor, cfg: SamplerConfig, latent_channels: int, final: bool,
+           vae_cfg_rule: str = "reglue"):
+    """Guided drift of the latent and the CLS state: SDE drift v - t*s, or the velocity for the ODE.
+
+    CFG of the drift equals CFG of the velocity (the drift is affine in v and both rules' weights sum to 1),
+    so ReDi's rule, which guides its model output, applies here unchanged."""
     guided = cfg.guided_at(t.item())
     v, cls_v, x_in, cls_in, time = _velocity(model, x, cls, y, t, guided, cfg.precision)
     if cfg.mode == "sde":
@@ -175,8 +182,11 @@ def _drift(model, x, cls, y, t: torch.Tensor, cfg: SamplerConfig, latent_channel
             cls_v = cls_v - 0.5 * diffusion * score_from_velocity(cls_v, cls_in, time, cfg.path)
     if not guided:
         return v, cls_v
-    latent_only = latent_channels if cfg.vae_cfg and cfg.mode == "sde" and not final else None
-    v = _guide(v, cfg.cfg_scale, latent_only)
+    # The reference's rule guides only the SDE loop steps (its final step is standard CFG, samplers.py:167-175);
+    # ReDi's is its model function, used by every step of either sampler (sample_ddp.py:212-218).
+    latent_only = latent_channels if cfg.vae_cfg and (
+        vae_cfg_rule == "redi" or (cfg.mode == "sde" and not final)) else None
+    v = _guide(v, cfg.cfg_scale, latent_only, vae_cfg_rule)
     if cls_v is not None:
         cls_v = _guide(cls_v, cfg.cls_cfg_scale) if cfg.cls_cfg_scale > 0 else cls_v.chunk(2)[0]
     return v, cls_v
@@ -185,7 +195,8 @@ def _drift(model, x, cls, y, t: torch.Tensor, cfg: SamplerConfig, latent_channel
 @torch.no_grad()
 def euler_maruyama(model, latents: torch.Tensor, y: torch.Tensor, cls_latents: torch.Tensor | None = None,
                    cfg: SamplerConfig = SamplerConfig(), *, latent_channels: int = 4,
-                   noise: Noise = torch.randn_like) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   noise: Noise = torch.randn_like,
+                   vae_cfg_rule: str = "reglue") -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference SDE sampler. latents [B,C,h,h] (C = latent + feature channels), y [B],
     cls_latents [B,D] or None for a model without CLS. Returns float64 (x_0 [B,C,h,h], cls_0 or None)."""
     grid = sde_time_grid(cfg.num_steps).to(latents.device)
@@ -195,30 +206,30 @@ def euler_maruyama(model, latents: torch.Tensor, y: torch.Tensor, cls_latents: t
         dt = t_next - t
         eps = noise(x)  # draw order as the reference: latent, then CLS (golden sde_sampler)
         cls_eps = None if cls is None else noise(cls)
-        d, cls_d = _drift(model, x, cls, y, t, cfg, latent_channels, final=False)
+        d, cls_d = _drift(model, x, cls, y, t, cfg, latent_channels, False, vae_cfg_rule)
         x = x + d * dt + torch.sqrt(2 * t) * (eps * torch.sqrt(torch.abs(dt)))
         if cls is not None:
             cls = cls + cls_d * dt + torch.sqrt(2 * t) * (cls_eps * torch.sqrt(torch.abs(dt)))
     t, dt = grid[-2], grid[-1] - grid[-2]  # the final deterministic step returns the mean
-    d, cls_d = _drift(model, x, cls, y, t, cfg, latent_channels, final=True)
+    d, cls_d = _drift(model, x, cls, y, t, cfg, latent_channels, True, vae_cfg_rule)
     return x + dt * d, None if cls is None else cls + dt * cls_d
 
 
 @torch.no_grad()
 def ode(model, latents: torch.Tensor, y: torch.Tensor, cls_latents: torch.Tensor | None = None,
         cfg: SamplerConfig = SamplerConfig(mode="ode"), *,
-        latent_channels: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+        latent_channels: int = 4, vae_cfg_rule: str = "reglue") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Deterministic probability-flow sampler (Euler or Heun) with the same guidance options."""
     grid = torch.linspace(1.0, 0.0, cfg.num_steps + 1, dtype=torch.float64, device=latents.device)
     x = latents.to(torch.float64)
     cls = None if cls_latents is None else cls_latents.to(torch.float64)
     for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         dt = t_next - t
-        d, cls_d = _drift(model, x, cls, y, t, cfg, latent_channels, final=False)
+        d, cls_d = _drift(model, x, cls, y, t, cfg, latent_channels, False, vae_cfg_rule)
         x_next = x + dt * d
         cls_next = None if cls is None else cls + dt * cls_d
         if cfg.ode_solver == "heun" and i < cfg.num_steps - 1:  # no correction at t = 0 (REPA euler_sampler)
-            d2, cls_d2 = _drift(model, x_next, cls_next, y, t_next, cfg, latent_channels, final=False)
+            d2, cls_d2 = _drift(model, x_next, cls_next, y, t_next, cfg, latent_channels, False, vae_cfg_rule)
             x_next = x + dt * (0.5 * d + 0.5 * d2)
             cls_next = None if cls is None else cls + dt * (0.5 * cls_d + 0.5 * cls_d2)
         x, cls = x_next, cls_next
@@ -226,11 +237,13 @@ def ode(model, latents: torch.Tensor, y: torch.Tensor, cls_latents: torch.Tensor
 
 
 def sample(model, latents, y, cls_latents=None, cfg: SamplerConfig = SamplerConfig(), *,
-           latent_channels: int = 4, noise: Noise = torch.randn_like):
-    """Dispatch on cfg.mode; returns float64 (x_0, cls_0 or None)."""
+           latent_channels: int = 4, noise: Noise = torch.randn_like, vae_cfg_rule: str = "reglue"):
+    """Dispatch on cfg.mode; returns float64 (x_0, cls_0 or None). `vae_cfg_rule` is the model's method's
+    (trainer.objective.Method.vae_cfg_rule): which rule `cfg.vae_cfg` means for it."""
     if cfg.mode == "ode":
-        return ode(model, latents, y, cls_latents, cfg, latent_channels=latent_channels)
-    return euler_maruyama(model, latents, y, cls_latents, cfg, latent_channels=latent_channels, noise=noise)
+        return ode(model, latents, y, cls_latents, cfg, latent_channels=latent_channels, vae_cfg_rule=vae_cfg_rule)
+    return euler_maruyama(model, latents, y, cls_latents, cfg, latent_channels=latent_channels, noise=noise,
+                          vae_cfg_rule=vae_cfg_rule)
 
 
 @torch.no_grad()
