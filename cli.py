@@ -111,40 +111,66 @@ def models_command(
 
 @app.command("train-compressor")
 def train_compressor_command(
-    cache: str = typer.Option(..., help="Cache with layers rows (extract --layers-limit M)."),
-    out: str = typer.Option(..., help="Folder for dino_mean_std_*.pth and compression_model.pth."),
-    epochs: int = typer.Option(25, help="Epochs of --steps-per-epoch steps (reference: 25)."),
-    steps_per_epoch: int = typer.Option(312, help=("Steps per epoch, drawn from the stored rows (reference: its "
-                                                   "ImageNet epoch at batch 4096, 312).")),
-    global_batch: int = typer.Option(4096, help="Rows per step over all processes (capped by the rows stored)."),
-    window: int = typer.Option(4096, help="Loader window in rows: the RAM (~window/processes layers rows)."),
+    out: str = typer.Option(..., help=("Run folder: norm stats, checkpoints, compression_model.pth; rerun the "
+                                       "same command to resume.")),
+    src: str | None = typer.Option(None, help=("Images, as for `extract`: DINOv2 runs on every image each step "
+                                               "(the reference's recipe).")),
+    cache: str | None = typer.Option(None, help=("Or a cache's stored layers rows (extract --layers-limit M): "
+                                                 "cheaper, fewer distinct images.")),
+    fill: str | None = typer.Option(None, help=("Then add the compressed features of this cache "
+                                                "(as `reglue fill-compressed`; no VAE pass).")),
+    norm_stats: str | None = typer.Option(None, help=("Use this dino_mean_std_*.pth (e.g. the official file) "
+                                                      "instead of computing it.")),
+    norm_stats_images: int = typer.Option(77_312, help=("--src: the norm stats come from the first this many "
+                                                        "images in source order (calc_norm_stats.py).")),
+    epochs: int = typer.Option(25, help="Epochs; the LR schedule steps once per epoch (reference: 25)."),
+    steps_per_epoch: int | None = typer.Option(None, help=("Steps per epoch (default: --src: images // batch, "
+                                                           "312 on ImageNet; --cache: the reference's 312).")),
+    global_batch: int = typer.Option(4096, help="Images per step over all processes (capped by the images)."),
+    bn_batch: int = typer.Option(512, help="Images per BatchNorm group (the reference's per-GPU 512 of 8 GPUs)."),
     channels: int = typer.Option(16, help="Compressed channels (the SiT's feature channels)."),
-    fill: bool = typer.Option(False, help="Then fill the cache's compressed features (as `reglue fill-compressed`)."),
-    seed: int = typer.Option(0, help="Seed of the init and the row order."),
+    preset: str = typer.Option("real", help="--src: real (published DINOv2) or tiny (random weights, tests only)."),
+    resolution: int = typer.Option(256, help="--src: center-crop side in pixels."),
+    encoder: str | None = typer.Option(None, help=("--src: DINOv2 timm name "
+                                                   "(default vit_base_patch14_reg4_dinov2.lvd142m).")),
+    dino_weights: str | None = typer.Option(None, help="--src: local DINOv2 weights file (hub .pth or timm)."),
+    precision: str = typer.Option("fp32", help="--src: DINOv2 precision during training (fp32: the reference's)."),
+    num_workers: int = typer.Option(4, help="--src: DataLoader processes decoding images, per process."),
+    window: int = typer.Option(4096, help="--cache: loader window in rows (the RAM: ~window/processes rows)."),
+    ckpt_every: int = typer.Option(100, help="Steps between checkpoints (and one at the end)."),
+    seed: int = typer.Option(0, help="Seed of the init and the data order."),
 ) -> None:
-    """Norm stats (dask, out of core) and the semantic compressor, in the official file formats."""
+    """Norm stats and the semantic compressor in the official formats: on every image (--src, the
+    reference's recipe) or on a cache's stored layers (--cache). Rerun the same command to resume."""
+    from reglue.pipeline.encoders import EncoderSpec
     from reglue.trainer.compressor_train import CompressorConfig, train_compressor
 
     with _clear_errors():
-        path = train_compressor(CompressorConfig(cache, out, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                                                 global_batch=global_batch, window=window, channels=channels,
-                                                 fill=fill, seed=seed))
-    typer.echo(f"compressor: {path}")
+        models = {k: v for k, v in dict(dino=encoder, dino_weights=dino_weights).items() if v}
+        spec = EncoderSpec(preset=preset, resolution=resolution, precision=precision, **models)
+        train_compressor(CompressorConfig(
+            out, src=src, cache=cache, fill=fill, spec=spec, norm_stats=norm_stats,
+            norm_stats_images=norm_stats_images, epochs=epochs,
+            steps_per_epoch=steps_per_epoch, global_batch=global_batch, bn_batch=bn_batch, channels=channels,
+            num_workers=num_workers, window=window, ckpt_every=ckpt_every, seed=seed))
 
 
 @app.command("fill-compressed")
 def fill_compressed_command(
     cache: str = typer.Option(..., help="Complete cache to add `compressed` features to."),
-    compressor: str = typer.Option(..., help="compression_model.pth (ours or the official one)."),
-    norm_stats: str = typer.Option(..., help="Its dino_mean_std_*.pth."),
+    compressor: str = typer.Option(..., help=("compression_model.pth (ours or the official one), or a "
+                                              "`train-compressor --out` folder.")),
+    norm_stats: str | None = typer.Option(None, help="Its dino_mean_std_*.pth (found in a compressor folder)."),
     src: str | None = typer.Option(None, help=("Image source root, "
                                                "when samples without layers rows need a DINOv2 pass.")),
 ) -> None:
-    """Compress every sample's features into the cache (from stored layers, else a second DINOv2 pass)."""
+    """Compress every sample's features into the cache (from stored layers, else a DINOv2 pass; never the VAE)."""
+    from reglue.pipeline.compressor import compressor_files
     from reglue.pipeline.extract import fill_compressed
 
     with _clear_errors():
-        fill_compressed(cache, compressor, norm_stats, src=src)  # prints its summary
+        model, stats = compressor_files(compressor, norm_stats)
+        fill_compressed(cache, str(model), str(stats), src=src)  # prints its summary
 
 
 @app.command("train")

@@ -1,6 +1,7 @@
 """`reglue demo`: the whole flow on a built-in tiny default, offline, in a few minutes on a CPU.
 
-images -> extract -> train-compressor (+ fill) -> train -> sample -> fid-ref + fid.
+images -> extract -> train-compressor --src images --fill cache -> train -> sample -> fid-ref + fid
+(the README's real flow: one VAE pass; the compressor trains on the images, as the reference does).
 
 Every model here is the `tiny` preset: the real architectures (SD-VAE AutoencoderKL, DINOv2 ViT/14
 with 4 registers, SiT, the Inception FID network) at tiny width with seeded random weights. The
@@ -69,7 +70,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns (and writes to OUT/demo.json) what each produced."""
     from reglue.pipeline.encoders import EncoderSpec
     from reglue.pipeline.extract import ExtractConfig, extract
-    from reglue.pipeline.store import Cache, info
+    from reglue.pipeline.store import info
     from reglue.trainer.compressor_train import CompressorConfig, train_compressor
     from reglue.trainer.evaluate import FidConfig, RefConfig, evaluate, reference_stats
     from reglue.trainer.generate import GenerateConfig, generate
@@ -87,15 +88,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     say(2, "reglue extract (tiny preset: random-weight SD-VAE + DINOv2-reg4, NOT for real use)")
     cache = str(out / "cache.zarr")
     spec = EncoderSpec.tiny(resolution=cfg.resolution)
-    extract(ExtractConfig(str(images), cache, spec, layers_limit=cfg.classes * cfg.per_class + 1,
-                          chunk_size=16, batch_size=16, num_workers=0, flip=True))  # both views: any method
+    extract(ExtractConfig(str(images), cache, spec, chunk_size=16, batch_size=16, num_workers=0,
+                          flip=True))  # both views: any method
     print(info(cache))
 
-    say(3, "reglue train-compressor --fill (norm stats with dask, the conv autoencoder, compressed features)")
-    compressor_dir = out / "compressor"
-    if not Cache.open(cache).has("compressed"):
-        train_compressor(CompressorConfig(cache, str(compressor_dir), epochs=5, steps_per_epoch=3, global_batch=16,
-                                          hidden=32, seed=cfg.seed, fill=True))
+    say(3, "reglue train-compressor --src images --fill cache (DINOv2 on the images: norm stats, the conv "
+           "autoencoder; then the cache's compressed features)")
+    train_compressor(CompressorConfig(str(out / "compressor"), src=str(images), fill=cache, spec=spec, epochs=5,
+                                      global_batch=16, bn_batch=8, hidden=32, seed=cfg.seed, num_workers=0))
 
     say(4, f"reglue train --method {cfg.method} --model SiT-tiny/2 ({cfg.steps} steps, fp32 on CPU)")
     run = out / "run"

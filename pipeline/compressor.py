@@ -175,6 +175,25 @@ def save_norm_stats(path: str | os.PathLike, mean: Any, std: Any) -> None:
     atomic_save({"mean": stats.mean.numpy(), "std": stats.std.numpy()}, path)
 
 
+def compressor_files(compressor: str | os.PathLike, norm_stats: str | os.PathLike | None) -> tuple[Path, Path]:
+    """(compression_model.pth, its norm stats): `compressor` is the file, or a `reglue train-compressor`
+    folder holding both (then `norm_stats` may be left out)."""
+    compressor = Path(compressor)
+    if compressor.is_dir():
+        folder, compressor = compressor, compressor / "compression_model.pth"
+        if not compressor.is_file():
+            raise FileNotFoundError(f"{folder} holds no compression_model.pth: finish `reglue train-compressor "
+                                    f"--out {folder}` (rerun it to resume), or pass the file")
+        if norm_stats is None:
+            found = sorted(folder.glob("dino_mean_std_*.pth"))
+            if len(found) != 1:
+                raise FileNotFoundError(f"{folder} holds {len(found)} dino_mean_std_*.pth files; pass --norm-stats")
+            norm_stats = found[0]
+    if norm_stats is None:
+        raise ValueError(f"{compressor} needs its norm stats: pass --norm-stats dino_mean_std_*.pth")
+    return compressor, Path(norm_stats)
+
+
 # ---- the compress step -----------------------------------------------------------------------
 
 def compress(encoder: nn.Module, layers: torch.Tensor, stats: NormStats) -> torch.Tensor:

@@ -103,19 +103,21 @@ def preprocess_dino(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class FeatureEncoder:
-    """Frozen VAE + DINOv2 on one device; `encode` maps uint8 crops to float32 features.
+    """Frozen VAE + DINOv2 on one device; `encode` maps uint8 crops to float32 features, `layers` runs
+    DINOv2 alone (compressor training and `fill-compressed` never need the VAE; `with_vae=False` skips it).
 
     The models come from `weights` per the spec, unless given (`vae`, `dino`: already-built modules,
     e.g. a DINOv2 loaded with other weights for a parity check).
     """
 
-    def __init__(self, spec: EncoderSpec, device: str | torch.device = "cpu", *, vae=None, dino=None):
+    def __init__(self, spec: EncoderSpec, device: str | torch.device = "cpu", *, vae=None, dino=None,
+                 with_vae: bool = True):
         self.spec = spec
         self.device = torch.device(device)
         self.precision = resolve_precision(spec.precision, self.device)
-        if vae is None:
+        if vae is None and with_vae:
             vae = weights.load_vae(spec.vae, spec.preset)
-        self.vae = vae.to(self.device)
+        self.vae = vae.to(self.device) if vae is not None else None
         if dino is None:
             dino = weights.load_dinov2(spec.dino, spec.preset, spec.dino_size, spec.dino_weights)
         self.dino = dino.to(self.device)
@@ -156,10 +158,7 @@ class FeatureEncoder:
     def encode(self, images: torch.Tensor, with_layers: bool = False) -> dict[str, torch.Tensor]:
         """uint8 [B,3,R,R] -> float32 `vae_mean`, `vae_std` [B,zc,h,h], `cls` [B,D], `patches` [B,P,D],
         and with `with_layers` also `layers` [B,P,L*D] (channel order = spec.layers)."""
-        R = self.spec.resolution
-        if images.dtype != torch.uint8 or images.shape[1:] != (3, R, R):
-            raise ValueError(f"expected uint8 [B,3,{R},{R}] crops, got {images.dtype} {list(images.shape)}")
-        images = images.to(self.device, non_blocking=True)
+        images = self._check(images)
         out = self._forward(images, with_layers, self.precision)
         if self.precision != "fp32" and not torch.stack([v.isfinite().all() for v in out.values()]).all():
             # fp16 can overflow where fp32 does not: redo the batch in fp32 rather than store inf/NaN
@@ -173,22 +172,44 @@ class FeatureEncoder:
         post = self.vae.encode(preprocess_vae(images.to(self.device, non_blocking=True))).latent_dist
         return post.mean.float(), post.std.float()
 
-    def _forward(self, images: torch.Tensor, with_layers: bool, precision: str) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def layers(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,3,R,R] -> float32 `layers` [B,P,L*D] (channel order = spec.layers), DINOv2 only: the
+        same values as `encode(images, with_layers=True)["layers"]`."""
+        images = self._check(images)
+        out = self._layers(self._dino(images, self.spec.layers, self.precision))
+        if self.precision != "fp32" and not out.isfinite().all():
+            out = self._layers(self._dino(images, self.spec.layers, "fp32"))  # as `encode`: fp16 overflow
+        return out
+
+    def _check(self, images: torch.Tensor) -> torch.Tensor:
+        R = self.spec.resolution
+        if images.dtype != torch.uint8 or images.shape[1:] != (3, R, R):
+            raise ValueError(f"expected uint8 [B,3,{R},{R}] crops, got {images.dtype} {list(images.shape)}")
+        return images.to(self.device, non_blocking=True)
+
+    def _dino(self, images: torch.Tensor, blocks, precision: str) -> dict:
+        """block -> (normed patch tokens [B,P,D], normed prefix tokens [B,1+regs,D]) for `blocks`."""
         x_dino = preprocess_dino(images, self.spec.dino_size)            # [B,3,S,S]
+        # Only DINOv2 ran under fp16 autocast in the reference (train.py:303-341), so only it takes `precision`.
         autocast = (nullcontext() if precision == "fp32"
                     else torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[precision]))
-        # The VAE always encodes in fp32, as the reference's `encode` step does (dataset_tools.py:395,401);
-        # only DINOv2 ran under fp16 autocast there (train.py:303-341), so only it takes `precision`.
-        vae_mean, vae_std = self.vae_posterior(images)                   # [B,zc,h,h] each
         with autocast:
             outs = self.dino.get_intermediate_layers(
-                x_dino, n=self.blocks, reshape=False, return_prefix_tokens=True, norm=True)
-        tokens = dict(zip(self.blocks, outs))                            # block -> ([B,P,D], [B,1+4,D])
+                x_dino, n=list(blocks), reshape=False, return_prefix_tokens=True, norm=True)
+        return dict(zip(blocks, outs))
+
+    def _layers(self, tokens: dict) -> torch.Tensor:
+        return torch.cat([tokens[n][0] for n in self.spec.layers], dim=-1).float()  # [B,P,L*D]
+
+    def _forward(self, images: torch.Tensor, with_layers: bool, precision: str) -> dict[str, torch.Tensor]:
+        vae_mean, vae_std = self.vae_posterior(images)                   # [B,zc,h,h] each, always fp32
+        tokens = self._dino(images, self.blocks, precision)              # block -> ([B,P,D], [B,1+4,D])
         last_patches, last_prefix = tokens[self.blocks[-1]]
         out = {
             "vae_mean": vae_mean, "vae_std": vae_std,
             "cls": last_prefix[:, 0].float(), "patches": last_patches.float(),
         }
         if with_layers:
-            out["layers"] = torch.cat([tokens[n][0] for n in self.spec.layers], dim=-1).float()
+            out["layers"] = self._layers(tokens)
         return out

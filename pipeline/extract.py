@@ -410,7 +410,8 @@ def summarize(cache: Cache, written: int, seconds: float) -> ExtractSummary:
 def fill_compressed(cache_url: str, compressor: str, norm_stats: str, *, src: str | None = None,
                     batch_size: int = 64, num_workers: int = 4, device: str | None = None) -> ExtractSummary:
     """Add `compressed` [N, c, g, g] to a complete cache: from the stored `layers` rows where there are
-    some, else by a second DINOv2 pass over the source images (`src` overrides the recorded root).
+    some, else by a DINOv2 pass over the source images (`src` overrides the recorded root; the VAE is
+    never run again).
 
     Resumable like `extract` (its own marker namespace "compressed"); the array becomes visible
     (`cache.has("compressed")`) only once every chunk is verified."""
@@ -452,8 +453,10 @@ def fill_chunks(cache: Cache, chunks: list[int], comp: Compressor, src: str | No
         needed[k] = ids[valid[start:stop] & ~np.isin(ids, layer_index[slice(*cache.layer_rows(k))])]
     encoder = None
     if any(len(v) for v in needed.values()):
+        # DINOv2 only, at the cache's own precision: the VAE moments are already stored, never recomputed.
         spec = EncoderSpec(**m.encoders["spec"])
-        encoder = FeatureEncoder(dataclasses.replace(spec, precision=m.encoders["precision"]), device)
+        encoder = FeatureEncoder(dataclasses.replace(spec, precision=m.encoders["precision"]), device,
+                                 with_vae=False)
     shape = (comp.provenance["channels"][-1], m.grid, m.grid)
     with ChunkWriter(cache, "compressed") as writer:
         for k, batches in chunk_batches(sources, m.resolution, needed, batch_size, num_workers, state,
@@ -469,7 +472,7 @@ def fill_chunks(cache: Cache, chunks: list[int], comp: Compressor, src: str | No
                 if bad := np.flatnonzero(~ok.numpy()).tolist():
                     raise ValueError(f"{sources.path(int(index[bad[0]]))} decoded at extract time but not now "
                                      f"({reasons[bad[0]]}): the source changed")
-                layers = encoder.encode(images, with_layers=True)["layers"].half()
+                layers = encoder.layers(images).half()
                 out[index.numpy() - start] = comp(layers).cpu().numpy()
             writer.submit(k, {"compressed": out})
     return writer.written

@@ -26,6 +26,7 @@ from reglue.pipeline.extract import ExtractConfig, extract
 from reglue.pipeline.sources import load_image
 from reglue.pipeline.store import Cache, decode_patches
 from reglue.trainer.checkpoints import load_model
+from reglue.trainer.compressor_data import valid_layer_rows
 from reglue.trainer.compressor_train import CompressorConfig, layer_norm_stats, train_compressor
 from reglue.trainer.data import CacheLoader, epoch_order, flip_draws, layers_for, prepare_batch, required_arrays
 from reglue.trainer.loop import PAUSE_ENV, TrainConfig, train, xl_lam_warning
@@ -53,7 +54,7 @@ def caches(tmp_path_factory):
                           layers_limit=N, chunk_size=CHUNK, batch_size=CHUNK, num_workers=0, flip=True))
     full = str(root / "full.zarr")
     shutil.copytree(bare, full)
-    train_compressor(CompressorConfig(full, str(root / "compressor"), epochs=2, steps_per_epoch=3, fill=True))
+    train_compressor(CompressorConfig(str(root / "compressor"), cache=full, epochs=2, steps_per_epoch=3, fill=full))
     return {"bare": bare, "full": full, "compressor": root / "compressor", "images": root / "images"}
 
 
@@ -79,7 +80,7 @@ def cli_train(cache, out, *extra, env=ENV):
 
 # ---- train-compressor ---------------------------------------------------------------------------
 
-def test_norm_stats_from_dask_equal_numpy(caches):
+def test_streamed_norm_stats_equal_numpy(caches, tmp_path):
     cache = Cache.open(caches["bare"])
     mean, std = layer_norm_stats(cache, block_rows=3)
     x = cache.read("layers").astype(np.float64).reshape(-1, cache.array("layers").shape[-1])
@@ -87,6 +88,14 @@ def test_norm_stats_from_dask_equal_numpy(caches):
     np.testing.assert_allclose(std, x.std(0), rtol=1e-12)  # population std, as calc_norm_stats.py:76-79
     saved = load_norm_stats(caches["compressor"] / "dino_mean_std_8_9_10_11_64.pth")  # official name and format
     assert torch.equal(saved.std, torch.from_numpy(std).float())
+    # the layers row of a sample that did not decode holds zeros: neither the stats nor the loader use it
+    url = str(tmp_path / "skipped.zarr")
+    shutil.copytree(caches["bare"], url)
+    zarr.open_group(url, mode="r+")["valid"][5] = False  # every sample has a layers row here: row 5
+    assert 5 not in valid_layer_rows(Cache.open(url))
+    mean, std = layer_norm_stats(Cache.open(url), block_rows=3)
+    x = np.delete(cache.read("layers"), 5, axis=0).astype(np.float64).reshape(-1, x.shape[-1])
+    np.testing.assert_allclose(std, x.std(0), rtol=1e-12)
 
 
 def test_compressor_files_and_filled_features(caches):
@@ -94,9 +103,9 @@ def test_compressor_files_and_filled_features(caches):
     encoder = load_compressor(caches["compressor"] / "compression_model.pth").encoder
     assert encoder.model[0].in_channels == 4 * cache.meta.dino_dim and cache.meta.compressed_channels == 16
     report = json.loads((caches["compressor"] / "compressor.json").read_text())
-    assert len(report["epoch_mse"]) == 2 and report["global_batch"] == N  # 4096 capped by the rows stored
+    assert len(report["epoch_mse"]) == 2 and report["plan"]["global_batch"] == N  # 4096 capped by the rows stored
     # an epoch is steps_per_epoch steps, not one pass over the 32 rows (that would be 1 step)
-    assert report["steps"] == 6 and report["row_passes"] == 6.0
+    assert report["steps"] == 6 and report["passes"] == 6.0
     stats = load_norm_stats(caches["compressor"] / "dino_mean_std_8_9_10_11_64.pth")
     with torch.no_grad():
         want = compress(encoder, torch.from_numpy(cache.read("layers", 0, 4)), stats)
@@ -109,10 +118,10 @@ def test_compressor_needs_layers_rows(caches, tmp_path):
     shutil.copytree(caches["bare"], cache)
     meta = zarr.open_group(cache, mode="r+").attrs["reglue"]
     zarr.open_group(cache, mode="r+").attrs["reglue"] = {**meta, "layers_count": 0}
-    with pytest.raises(ValueError, match="layers-limit"):
-        train_compressor(CompressorConfig(cache, str(tmp_path / "c")))
+    with pytest.raises(ValueError, match="no layers rows: train from the images with `reglue train-compressor --src"):
+        train_compressor(CompressorConfig(str(tmp_path / "c"), cache=cache))
     with pytest.raises(ValueError, match="steps_per_epoch must be positive"):
-        CompressorConfig(cache, str(tmp_path / "c"), steps_per_epoch=0)
+        CompressorConfig(str(tmp_path / "c"), cache=cache, steps_per_epoch=0)
 
 
 # ---- the batch ----------------------------------------------------------------------------------

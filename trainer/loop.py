@@ -38,6 +38,7 @@ from reglue.trainer.objective import XL_LAM_SCHEDULE, Batch, Method, get_method,
 from reglue.trainer.pca import REDI_PCA_SAMPLES
 from reglue.trainer.recipes import RECIPES, Recipe, encoder_note, get_recipe
 from reglue.trainer.runfolder import (
+    PAUSE_ENV,
     append_log,
     check_same_run,
     hms,
@@ -50,8 +51,6 @@ from reglue.trainer.runfolder import (
 )
 
 TERMS = ("loss", "latent", "feature", "cls", "proj")
-# Fault injection for the resume test: seconds to sleep after each checkpoint (SIGKILL lands there).
-PAUSE_ENV = "REGLUE_PAUSE_AFTER_CHECKPOINT"
 
 
 @dataclass

@@ -36,6 +36,8 @@ from reglue.trainer.pca import PCA, fit_pca, load_pca_file
 if TYPE_CHECKING:
     from reglue.trainer.loop import Plan, TrainConfig
 
+# Fault injection for the resume tests: seconds to sleep after each checkpoint (SIGKILL lands there).
+PAUSE_ENV = "REGLUE_PAUSE_AFTER_CHECKPOINT"
 # Fields that may change between a run and its resumption (they do not change the trained weights; FID
 # sampling draws from per-sample generators and every step reseeds, tests/test_train_fid.py).
 RUN_CONTROL = ("max_steps", "log_every", "ckpt_every", "keep_last", "snapshot_every", "sample_every", "sample_steps",
@@ -72,11 +74,16 @@ def check_same_run(run: Path, cfg: TrainConfig, recipe=None) -> None:
     if recipe is not None and "recipe" in saved:
         for key in ("precision", "grad_clip", "flip"):
             stored[key], mine[key] = saved["recipe"][key], getattr(recipe, key)
-    diff = [f"{k}: {stored.get(k)!r} there, {mine[k]!r} now" for k in mine
-            if k not in RUN_CONTROL and stored.get(k) != mine[k]]
+    diff = config_differences(stored, mine, RUN_CONTROL)
     if diff:
         raise ValueError(f"{run} holds a run with a different config ({'; '.join(diff)}); rerun with the same "
                          "settings or choose another --out")
+
+
+def config_differences(stored: dict, mine: dict, control: tuple[str, ...]) -> list[str]:
+    """`key: stored there, mine now` for every field outside `control` that differs (JSON values)."""
+    return [f"{k}: {stored.get(k)!r} there, {mine[k]!r} now" for k in mine
+            if k not in control and stored.get(k) != mine[k]]
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
