@@ -77,6 +77,19 @@ def test_the_flow_trains_on_the_images_and_fills_the_cache_without_the_vae(flow)
     torch.testing.assert_close(torch.from_numpy(cache.read("compressed")[valid]).float(), want, rtol=2e-3, atol=2e-3)
 
 
+
+def test_a_rerun_is_done_and_other_runs_are_refused_before_training(flow, tmp_path, capsys):
+    config = lambda out, **kw: CompressorConfig(str(out), src=str(flow["images"]),
+                                                spec=EncoderSpec.tiny(RES, precision="fp32"), **{**ARGS, **kw})
+    train_compressor(config(flow["run"], fill=flow["cache"]))  # the same command: nothing is trained or filled
+    assert "(already done)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="different config.*bn_batch: 4 there, 2 now"):
+        train_compressor(config(flow["run"], bn_batch=2))
+    with pytest.raises(ValueError, match="already holds compressed features from compression_model.pth"):
+        train_compressor(config(tmp_path / "other", seed=1, fill=flow["cache"]))
+    assert not (tmp_path / "other").exists()
+
+
 def test_layers_alone_equal_the_full_encode():
     images = torch.randint(0, 256, (2, 3, RES, RES), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     full = FeatureEncoder(EncoderSpec.tiny(RES)).encode(images, with_layers=True)["layers"]

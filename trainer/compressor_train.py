@@ -216,6 +216,8 @@ def train_compressor(cfg: CompressorConfig) -> Path:
         plan = make_plan(cfg, len(rows), world, m.layers, m.dino_dim, m.resolution)
     layout = Layout(plan.global_batch, plan.bn_batch, accelerator.process_index, world)
     say(plan.describe(cfg, world))
+    if cfg.fill:
+        check_fill_target(cfg.fill, plan, out / "compression_model.pth")  # before hours of training, not after
 
     # 3. The run folder: the same config or a refusal; config.json first, so that its stats are its own.
     resolved = json.loads(json.dumps({"config": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan),
@@ -398,6 +400,20 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, schedule) -> dict:
     if torch.cuda.is_available() and "rng.cuda.0" in tensors:
         torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
     return info
+
+
+def check_fill_target(url: str, plan: Plan, model_file: Path) -> None:
+    """Refuse a --fill cache that this compressor could not fill (another encoder, or another compressor's
+    features already there)."""
+    from reglue.pipeline.extract import file_sha256
+
+    m = Cache.open(url).meta
+    if len(m.layers) * m.dino_dim != plan.channels[0] or m.resolution != plan.resolution:
+        raise ValueError(f"--fill {url} holds {m.resolution}-px features of {len(m.layers)} x {m.dino_dim} channels; "
+                         f"this compressor takes {plan.resolution}-px {plan.channels[0]}: fill a matching cache")
+    if m.compressor and not (model_file.exists() and m.compressor["sha256"] == file_sha256(model_file)):
+        raise ValueError(f"--fill {url} already holds compressed features from {m.compressor['file']} "
+                         f"(sha256 {m.compressor['sha256'][:12]}...); a cache holds one compressor's features")
 
 
 def check_same_compressor_run(out: Path, resolved: dict) -> None:

@@ -351,8 +351,8 @@ def required_arrays(method: Method, cache, flip: bool = False) -> tuple[str, ...
     names = ["vae_moments", "labels"] + (["vae_moments_flip"] if flip else [])
     needs = {"cls": method.cls, "patches": method.repa or method.features == "pca",
              "compressed": method.features == "compressed"}
-    fixes = {"compressed": "add them with `reglue train-compressor --cache CACHE --out DIR --fill` (or, with an "
-                           "existing compressor, `reglue fill-compressed --cache CACHE --compressor "
+    fixes = {"compressed": f"add them with `reglue train-compressor --src IMAGES --out DIR --fill {cache.url}` "
+                           "(or, with an existing compressor, `reglue fill-compressed --cache CACHE --compressor "
                            "compression_model.pth --norm-stats dino_mean_std_*.pth`)",
              "patches": "re-extract the cache with the last-layer patch tokens",
              "cls": "re-extract the cache with the [CLS] token"}
