@@ -34,8 +34,9 @@ def extract_command(
     preset: str = typer.Option("real", help=("real: published weights. "
                                              "tiny: seeded random tiny models, NOT for real use.")),
     resolution: int = typer.Option(256, help="Center-crop side in pixels (multiple of 16)."),
-    layers_limit: int = typer.Option(0, help=("Keep DINOv2 layers 8..11 (1.5 MiB/image) "
-                                              "for this many evenly spread images.")),
+    layers_limit: int = typer.Option(0, help=("Keep DINOv2 layers 8..11 (1.5 MiB/image) for this many evenly "
+                                              "spread images (for `train-compressor --cache`; the default flow "
+                                              "trains it with --src).")),
     compressor: str | None = typer.Option(None, help=("compression_model.pth: "
                                                       "store compressed features for every image.")),
     norm_stats: str | None = typer.Option(None, help="dino_mean_std_*.pth of that compressor."),

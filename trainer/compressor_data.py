@@ -124,6 +124,8 @@ class ImageLayers:
 
     def steps(self, start: int, stop: int) -> Iterator[Iterator[torch.Tensor]]:
         """Per step in [start, stop): an iterator over this process's groups (consume it before the next step)."""
+        if start >= stop:
+            return
         sampler = GroupSampler(len(self.sources), self.layout, self.steps_per_epoch, self.seed, start, stop)
         batches = iter(torch.utils.data.DataLoader(
             ImageDataset(self.sources, self.encoder.spec.resolution), batch_sampler=sampler,

@@ -47,7 +47,7 @@ from reglue.pipeline.compressor import (
 )
 from reglue.pipeline.encoders import EncoderSpec, FeatureEncoder
 from reglue.pipeline.sources import scan
-from reglue.pipeline.store import Cache
+from reglue.pipeline.store import Cache, digest
 from reglue.trainer.compressor_data import (
     NORM_STATS_IMAGES,
     REFERENCE_BATCH,
@@ -143,6 +143,8 @@ class Plan:
 
     images: int
     """Distinct images the features come from (source images, or valid stored layers rows)."""
+    data_sha256: str
+    """Which ones: a digest of the source's paths and labels, or of the cache's source and layers rows."""
     global_batch: int
     bn_batch: int
     steps_per_epoch: int
@@ -166,8 +168,8 @@ class Plan:
         return f"{line} ({reference})"
 
 
-def make_plan(cfg: CompressorConfig, images: int, world: int, layers: tuple[int, ...], dino_dim: int,
-              resolution: int) -> Plan:
+def make_plan(cfg: CompressorConfig, images: int, data_sha256: str, world: int, layers: tuple[int, ...],
+              dino_dim: int, resolution: int) -> Plan:
     """The batch (capped by the images, a multiple of the processes), the BatchNorm group, the steps."""
     batch, bn = cfg.global_batch, cfg.bn_batch
     if images < batch:  # a small data set: as much of it per step as whole groups on every process take
@@ -176,9 +178,12 @@ def make_plan(cfg: CompressorConfig, images: int, world: int, layers: tuple[int,
             raise ValueError(f"{images} images cannot feed {world} processes")
         batch = images // (world * bn) * world * bn
     steps = cfg.steps_per_epoch or (images // batch if cfg.src else REFERENCE_STEPS_PER_EPOCH)
+    if cfg.src and steps > images // batch:
+        raise ValueError(f"--steps-per-epoch {steps} exceeds the {images // batch} full batches of {batch} in one "
+                         f"pass over the {images} images")
     channels = get_method("reglue", feature_channels=cfg.channels, layers=layers,
                           compressor_hidden=cfg.hidden).compressor_channel_list(dino_dim)
-    return Plan(images, batch, bn, steps, cfg.epochs * steps, channels, tuple(layers), resolution)
+    return Plan(images, data_sha256, batch, bn, steps, cfg.epochs * steps, channels, tuple(layers), resolution)
 
 
 def norm_stats_path(out: Path, layers, resolution: int) -> Path:
@@ -204,7 +209,8 @@ def train_compressor(cfg: CompressorConfig) -> Path:
         sources = scan(cfg.src)
         encoder = FeatureEncoder(cfg.spec, accelerator.device, with_vae=False)
         spec = encoder.spec
-        plan = make_plan(cfg, len(sources), world, spec.layers, encoder.dino_dim, spec.resolution)
+        plan = make_plan(cfg, len(sources), digest([sources.paths, sources.labels]), world, spec.layers,
+                         encoder.dino_dim, spec.resolution)
     else:
         cache = Cache.open(cfg.cache)
         m = cache.meta
@@ -213,7 +219,8 @@ def train_compressor(cfg: CompressorConfig) -> Path:
                              f"--src {m.source['root']}` (the reference's recipe; no second VAE pass), or extract "
                              "a cache with --layers-limit M")
         rows = valid_layer_rows(cache)
-        plan = make_plan(cfg, len(rows), world, m.layers, m.dino_dim, m.resolution)
+        plan = make_plan(cfg, len(rows), digest([m.source["sha256"], rows.tolist()]), world, m.layers, m.dino_dim,
+                         m.resolution)
     layout = Layout(plan.global_batch, plan.bn_batch, accelerator.process_index, world)
     say(plan.describe(cfg, world))
     if cfg.fill:
