@@ -5,16 +5,15 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
+from killing import sigkill_when_exists
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -330,12 +329,7 @@ def test_resume_after_sigkill_is_exact(caches, tmp_path):
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc = subprocess.Popen(cli_train(caches["full"], killed, *args), env={**ENV, PAUSE_ENV: "120"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-0000003").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when_exists(proc, killed / "checkpoints" / "step-0000003")
     assert not (killed / "checkpoints" / "step-0000006").exists()
     subprocess.run(cli_train(caches["full"], killed, *args), env=ENV, check=True, capture_output=True)
     assert ref.wait() == 0

@@ -308,11 +308,10 @@ def train_compressor(cfg: CompressorConfig) -> Path:
     path = out / "compression_model.pth"
     if accelerator.is_main_process:
         save_compressor(path, bare)
-        sources_info = {"src": cfg.src} if cfg.src else {"cache": cfg.cache}
+        skipped = [{"index": int(i), "path": sources.paths[int(i)], "reason": r} for i, r in loop["skipped"].items()]
         (out / "compressor.json").write_text(json.dumps(
-            {**resolved, **sources_info, "steps": loop["step"],
-             "passes": loop["step"] * plan.global_batch / plan.images, "epoch_mse": loop["epoch_mse"],
-             "norm_stats": stats_path.name, "skipped": loop["skipped"]}, indent=2))
+            {**resolved, "steps": loop["step"], "passes": loop["step"] * plan.global_batch / plan.images,
+             "epoch_mse": loop["epoch_mse"], "norm_stats": stats_path.name, "skipped": skipped}, indent=2))
         done = "already done" if start == plan.total_steps else f"{loop['step']} steps"
         say(f"compressor: {path} ({done})")
     accelerator.wait_for_everyone()
