@@ -5,6 +5,7 @@ import json
 import numpy as np
 
 from reglue.demo import DemoConfig, run_demo
+from reglue.pipeline.store import Cache
 
 
 def test_demo_runs_every_stage_and_a_rerun_resumes(tmp_path, capsys):
@@ -14,6 +15,11 @@ def test_demo_runs_every_stage_and_a_rerun_resumes(tmp_path, capsys):
     with np.load(result["samples"]) as npz:
         assert npz["arr_0"].shape == (4, 64, 64, 3) and npz["arr_0"].dtype == np.uint8
     assert "zz_truncated.jpg" in capsys.readouterr().out  # the broken file is reported, not fatal
+    # the README's flow: extract's defaults (no layers rows), the compressor trained on the images, then filled
+    cache = Cache.open(result["cache"])
+    assert cache.meta.layers_count == 0 and cache.has("compressed") and cache.meta.compressor["stage"] == "fill"
+    report = json.loads((tmp_path / "demo" / "compressor" / "compressor.json").read_text())
+    assert report["config"]["src"].endswith("images") and report["skipped"][0]["path"].endswith("zz_truncated.jpg")
 
     again = run_demo(cfg)  # every stage finds its outputs: nothing is retrained or resampled
     assert again["metrics"]["metrics"]["fid"] == result["metrics"]["metrics"]["fid"]
