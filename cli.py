@@ -149,11 +149,15 @@ def train_compressor_command(
     with _clear_errors():
         models = {k: v for k, v in dict(dino=encoder, dino_weights=dino_weights).items() if v}
         spec = EncoderSpec(preset=preset, resolution=resolution, precision=precision, **models)
-        train_compressor(CompressorConfig(
-            out, src=src, cache=cache, fill=fill, spec=spec, norm_stats=norm_stats,
-            norm_stats_images=norm_stats_images, epochs=epochs,
-            steps_per_epoch=steps_per_epoch, global_batch=global_batch, bn_batch=bn_batch, channels=channels,
-            num_workers=num_workers, window=window, ckpt_every=ckpt_every, seed=seed))
+        cfg = CompressorConfig(out, src=src, cache=cache, fill=fill, spec=spec, norm_stats=norm_stats,
+                               norm_stats_images=norm_stats_images, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                               global_batch=global_batch, bn_batch=bn_batch, channels=channels,
+                               num_workers=num_workers, window=window, ckpt_every=ckpt_every, seed=seed)
+        try:
+            train_compressor(cfg)
+        except FloatingPointError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
 
 
 @app.command("fill-compressed")

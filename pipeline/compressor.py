@@ -158,6 +158,8 @@ class NormStats:
                              f"got {tuple(self.mean.shape)} and {tuple(self.std.shape)}")
         if not bool((self.std > 0).all()):
             raise ValueError("norm stats std must be > 0 in every channel")
+        if not bool(self.mean.isfinite().all() & self.std.isfinite().all()):
+            raise ValueError("norm stats must be finite in every channel")
 
 
 def load_norm_stats(path: str | os.PathLike) -> NormStats:

@@ -129,6 +129,20 @@ def test_two_processes_train_what_one_does(flow, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
 
 
+
+def test_a_non_finite_loss_stops_before_anything_is_saved(flow, tmp_path, monkeypatch):
+    import reglue.trainer.compressor_train as ct
+
+    monkeypatch.setattr(ct, "reconstruction_loss", lambda model, layers, stats: model(layers.new_full(
+        (len(layers), layers.shape[-1], 4, 4), float("nan")))[0].mean())
+    with pytest.raises(FloatingPointError, match="non-finite reconstruction loss at step 1.*none yet"):
+        train_compressor(CompressorConfig(str(tmp_path / "nan"), src=str(flow["images"]),
+                                          spec=EncoderSpec.tiny(RES, precision="fp32"), **ARGS))
+    assert not (tmp_path / "nan" / "checkpoints").exists()
+    with pytest.raises(ValueError, match="finite"):
+        NormStats(torch.full((3,), float("inf")), torch.ones(3))
+
+
 # ---- the batch layout and the step ------------------------------------------------------------------
 
 @pytest.mark.parametrize("world", [1, 2, 4])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -196,7 +197,7 @@ def norm_stats_path(out: Path, layers, resolution: int) -> Path:
 def train_compressor(cfg: CompressorConfig) -> Path:
     """Norm stats, then the autoencoder (or resume it); returns the path of compression_model.pth."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, gather_object
 
     # 1. Processes. DDP does not broadcast BatchNorm buffers: only process 0's, which the file keeps, matter.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
@@ -280,6 +281,9 @@ def train_compressor(cfg: CompressorConfig) -> Path:
     t0 = time.perf_counter()
     for step, groups in enumerate(features.steps(start, plan.total_steps), start):
         loss = train_step(accelerator, model, optimizer, groups, stats, layout)
+        if not math.isfinite(loss):  # before anything of this state is saved
+            raise FloatingPointError(f"non-finite reconstruction loss at step {step + 1}; the last checkpoint is "
+                                     f"{latest_checkpoint(out) or '(none yet)'}, from which a rerun resumes")
         loop["epoch_sum"] += loss
         loop["step"] = step + 1
         epoch, k = divmod(step + 1, plan.steps_per_epoch)
@@ -294,7 +298,8 @@ def train_compressor(cfg: CompressorConfig) -> Path:
                       f"lr {schedule.get_last_lr()[0]:.3g} ({time.perf_counter() - t0:.1f} s)")
             t0 = time.perf_counter()
         if loop["step"] % cfg.ckpt_every == 0 or loop["step"] == plan.total_steps:
-            loop["skipped"] |= {str(i): r for i, r in features.skipped.items()}
+            for part in gather_object([features.skipped]):  # every process's undecodable files
+                loop["skipped"] |= {str(i): r for i, r in part.items()}
             if accelerator.is_main_process:
                 path = save_checkpoint(out, bare, bare_optimizer, schedule, loop)
                 prune_checkpoints(out, cfg.keep_last)
