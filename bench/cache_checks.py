@@ -6,6 +6,8 @@
                                                           reads), in threads vs one thread, full-size shapes
   python bench/cache_checks.py stamps [--images 256]     decoding a source with its stamp (bytes hashed) vs
                                                           without, ImageNet-like JPEGs
+  python bench/cache_checks.py read [--chunks 24]        `Cache.read` of whole chunks through the strict store
+                                                          (a missing chunk raises) vs zarr's plain store
 
 `open` builds the store's metadata with tiny per-sample shapes and writes its chunk and marker files
 directly (empty chunk files: the check only lists them), so it measures bookkeeping, not I/O volume.
@@ -120,15 +122,32 @@ def stamps(args) -> None:
               f"{os.getloadavg()[0]:.1f} |")
 
 
+def read(args) -> None:
+    from loader import synthetic_cache  # bench/loader.py: a complete cache at the real shapes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic_cache(f"{tmp}/c.zarr", 64 * args.chunks)
+        strict, plain = Cache.open(f"{tmp}/c.zarr"), Cache.open(f"{tmp}/c.zarr", allow_incomplete=True)
+        names = ("vae_moments", "cls", "patches", "patches_scale", "labels")
+
+        def read_all(cache):
+            return lambda: [cache.read(n, *cache.sample_range(k)) for k in range(cache.num_chunks) for n in names]
+
+        pairs = [(median_time(read_all(plain), 1), median_time(read_all(strict), 1)) for _ in range(args.repeats)]
+        a, b = (statistics.median(x) for x in zip(*pairs))
+        print(f"| {args.chunks} x 64 | {a:.2f} | {b:.2f} | {statistics.median(y / x for x, y in pairs):.3f} | "
+              f"medians of {args.repeats} interleaved pairs, load average {os.getloadavg()[0]:.1f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["open", "verify", "stamps"])
+    p.add_argument("what", choices=["open", "verify", "stamps", "read"])
     p.add_argument("--samples", type=int, default=1_281_167, help="open: samples (ImageNet-1k train)")
-    p.add_argument("--chunks", type=int, default=16, help="verify: chunks of 64 samples")
+    p.add_argument("--chunks", type=int, default=16, help="verify, read: chunks of 64 samples")
     p.add_argument("--images", type=int, default=256, help="stamps: JPEGs")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    {"open": open_check, "verify": verify, "stamps": stamps}[args.what](args)
+    {"open": open_check, "verify": verify, "stamps": stamps, "read": read}[args.what](args)
 
 
 if __name__ == "__main__":
