@@ -3,6 +3,7 @@ one function in `pipeline/` or `trainer/`."""
 
 from __future__ import annotations
 
+import errno
 from contextlib import contextmanager
 
 import typer
@@ -22,6 +23,12 @@ def _clear_errors():
         yield
     except (FileNotFoundError, FileExistsError, ValueError, WeightsUnavailable) as e:
         typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as e:  # a full disk or quota is the user's to fix, not a bug
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        fix = "" if "rerun" in str(e) else "; free space and rerun the same command (work already finished is kept)"
+        typer.echo(f"error: {e}{fix}", err=True)
         raise typer.Exit(1) from None
 
 
@@ -46,7 +53,8 @@ def extract_command(
     dino: str | None = typer.Option(None, help="DINOv2 timm name (default vit_base_patch14_reg4_dinov2.lvd142m)."),
     dino_weights: str | None = typer.Option(None, help="Local DINOv2 weights file (hub .pth or timm)."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
-    num_workers: int = typer.Option(4, help="DataLoader processes decoding images."),
+    num_workers: int | None = typer.Option(None, help=("DataLoader processes decoding images (default: this "
+                                                       "process's share of the CPU cores - 1, at most 8).")),
     chunk_size: int | None = typer.Option(None, help=("Samples per chunk (unit of storage and resume) "
                                                       "(default 64, chosen by measurement).")),
     device: str | None = typer.Option(None, help="Torch device (default: this process's GPU, else the CPU)."),
@@ -61,8 +69,9 @@ def extract_command(
     with _clear_errors():
         models = {k: v for k, v in dict(vae=vae, dino=dino, dino_weights=dino_weights).items() if v}
         spec = EncoderSpec(preset=preset, resolution=resolution, precision=precision, **models)
-        extract(ExtractConfig(src, out, spec, layers_limit, compressor, norm_stats,
-                              chunk_size or DEFAULT_CHUNK_SIZE, batch_size, num_workers, device, flip))
+        chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size  # 0 is refused, not the default
+        extract(ExtractConfig(src, out, spec, layers_limit, compressor, norm_stats, chunk_size, batch_size,
+                              num_workers, device, flip))
 
 
 @cache_app.command("info")
@@ -76,14 +85,15 @@ def cache_info_command(cache: str = typer.Argument(..., help="Cache URL.")) -> N
 
 @cache_app.command("verify")
 def cache_verify_command(cache: str = typer.Argument(..., help="Cache URL.")) -> None:
-    """Re-hash every chunk against its done marker; exit 1 naming each damaged or missing chunk."""
-    from reglue.pipeline.store import verify
+    """Re-hash every chunk against its done marker; exit 1 naming each damaged or missing chunk and the fix."""
+    from reglue.pipeline.store import repair_advice, verify
 
     with _clear_errors():
         problems = verify(cache)
     for problem in problems:
         typer.echo(problem, err=True)
     if problems:
+        typer.echo(f"to repair: {repair_advice(problems)}", err=True)
         raise typer.Exit(1)
     typer.echo(f"{cache}: every chunk verifies")
 

@@ -12,22 +12,29 @@ How a run is organised (docs/extract.md):
   chunks k = r (mod W). Batches never cross a chunk, so W processes compute exactly the batches
   of one process and store the same bytes.
 - DataLoader workers decode, the device encodes in batches, a thread writes finished chunks.
-- A chunk's done marker is written after all its arrays; a rerun skips marked chunks and rewrites
-  the others, so a kill at any moment loses at most the chunks in flight.
-- At the end each process re-verifies its chunks against their markers; process 0 waits (on the
-  markers, not on a collective, so ranks with unequal work never time out) until every chunk is
-  marked, and only then records the store as complete.
+- Each process holds its lock on the store (`reglue.lock`), so a second command on the same store
+  stops at once naming the holder.
+- A chunk's done marker is written after all its arrays, with the sha256 of each and a stamp (size,
+  mtime, content hash) of each source file as read; a rerun first re-verifies the marked chunks
+  and re-stats their sources, redoes those that fail or whose sources changed, and rewrites the
+  unmarked ones, so a kill at any moment loses at most the chunks in flight and a rerun repairs.
+- At the end each process verifies the chunks it wrote against their markers; process 0 waits (on
+  the markers, not on a collective, so ranks with unequal work never time out) until every chunk
+  is marked, and only then records the store as complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import queue
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -37,10 +44,11 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from reglue.lock import Lock
 from reglue.pipeline import codec
 from reglue.pipeline.compressor import NormStats, compress, load_compressor, load_norm_stats
 from reglue.pipeline.encoders import EncoderSpec, FeatureEncoder
-from reglue.pipeline.sources import ImageDataset, SourceList, scan
+from reglue.pipeline.sources import BadImage, ImageDataset, SourceList, file_stamp, read_source, scan
 from reglue.pipeline.store import (
     Cache,
     CacheMeta,
@@ -57,6 +65,13 @@ TEST_DELAY_ENV = "REGLUE_EXTRACT_TEST_DELAY"
 """Seconds to sleep after each batch, so that a test can SIGKILL a run half-way."""
 WRITE_QUEUE = 2
 """Finished chunks waiting for the writer thread; bounds host memory (2 x C x ~0.2 MB at ViT-B)."""
+
+
+def default_workers() -> int:
+    """DataLoader decode processes when not given: the cores this process may use (its share of the
+    node's processes), less one for the process itself, at most 8; torch warns above the core count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1) - 1))
 
 
 @dataclass(frozen=True)
@@ -79,8 +94,8 @@ class ExtractConfig:
     """Samples per chunk: the unit of storage, of work per process and of resume."""
     batch_size: int = 64
     """Images per forward pass."""
-    num_workers: int = 4
-    """DataLoader processes decoding images (0 = decode in the main process)."""
+    num_workers: int | None = None
+    """DataLoader processes decoding images (0 = decode in the main process); default `default_workers()`."""
     device: str | None = None
     """Torch device; default: this process's accelerator (cuda:<local rank>) or the CPU."""
     flip: bool = False
@@ -90,6 +105,8 @@ class ExtractConfig:
     def __post_init__(self):
         if not self.out:
             object.__setattr__(self, "out", str(Path("cache") / f"{Path(self.src).stem}.zarr"))
+        if self.num_workers is None:
+            object.__setattr__(self, "num_workers", default_workers())
         if self.layers_limit < 0:
             raise ValueError(f"layers_limit {self.layers_limit} must be >= 0")
         if (self.compressor is None) != (self.norm_stats is None):
@@ -225,18 +242,73 @@ def wait_for(attempt, retry_on: type[Exception], what: str = ""):
             delay = min(delay * 2, 30.0)
 
 
-def owned_pending(cache: Cache, namespace: str, state: PartialState) -> list[int]:
-    """This process's chunks that have no done marker yet."""
-    done = cache.markers(namespace)
-    return [k for k in chunks_of_rank(cache.num_chunks, state.process_index, state.num_processes) if k not in done]
+@contextmanager
+def store_lock(url: str, state: PartialState) -> Iterator[None]:
+    """Hold this process's lock on the store, then wait until every process holds its own: a second
+    command on the same store stops at its first process that meets a live holder, before any process
+    touches the store (the others wait here until the launcher ends them)."""
+    with Lock(url, f"store-rank{state.process_index}"):
+        state.wait_for_everyone()
+        yield
+
+
+def owned_pending(cache: Cache, namespace: str, state: PartialState, sources: SourceList | None = None) -> list[int]:
+    """This process's chunks to (re)compute: those without a done marker, and those whose marked data
+    fails verification or whose source files changed since they were read (their markers are deleted).
+    Ends with a barrier, so that process 0's final wait sees every marker this deletes."""
+    markers = cache.markers(namespace)
+    owned = list(chunks_of_rank(cache.num_chunks, state.process_index, state.num_processes))
+    done = {k: markers[k] for k in owned if k in markers}
+    changed = changed_sources(cache, sources, done) if sources is not None else {}
+    damaged = cache.verify_chunks(namespace, [k for k in done if k not in changed], done)
+    tag = f"[rank {state.process_index}] " if state.num_processes > 1 else ""
+    if changed:
+        files = sorted({p for paths in changed.values() for p in paths})
+        print(f"{tag}{cache.url}: {len(files)} source files changed since they were extracted ({', '.join(files[:5])}"
+              f"{', ...' if len(files) > 5 else ''}): re-extracting chunks {sorted(changed)}", flush=True)
+    for k, reason in sorted(damaged.items()):
+        print(f"{tag}{cache.url}: {namespace} chunk {k} fails verification ({reason}): recomputing it", flush=True)
+    for k in [*changed, *damaged]:
+        cache.delete_marker(namespace, k)
+        if k in changed and "compressed" in cache.written_arrays().get("compressed", ()):
+            cache.delete_marker("compressed", k)  # computed from the old image: `fill-compressed` redoes it
+    state.wait_for_everyone()
+    return [k for k in owned if k not in done or k in changed or k in damaged]
+
+
+def changed_sources(cache: Cache, sources: SourceList, markers: dict[int, dict]) -> dict[int, list[str]]:
+    """Chunk -> its source files that changed since the chunk was extracted: one stat per file; the bytes
+    are hashed only where size or time differ (a copy or `touch` that keeps the content is no change).
+    Chunks marked by a reglue that recorded no stamps cannot be checked and count as unchanged."""
+    checks = [(k, cache.sample_range(k)[0] + j, stamp) for k, marker in markers.items() if "sources" in marker
+              for j, stamp in enumerate(zip(*(marker["sources"][f] for f in ("size", "mtime_ns", "hash"))))]
+
+    def changed(check) -> bool:
+        _, i, (size, mtime, digest_) = check
+        path = sources.path(i)
+        if file_stamp(path) == (size, mtime):
+            return False
+        try:
+            return read_source(path)[1][2] != digest_
+        except BadImage:  # readable then, not now (or the other way round)
+            return True
+
+    with ThreadPoolExecutor(16) as pool:  # stat latency on network file systems
+        flags = list(pool.map(changed, checks))
+    out: dict[int, list[str]] = {}
+    for (k, i, _), flag in zip(checks, flags):
+        if flag:
+            out.setdefault(k, []).append(sources.paths[i])
+    return out
 
 
 # ---- the pipeline: loader -> device -> writer thread ------------------------------------------
 
 def chunk_batches(sources: SourceList, resolution: int, needed: dict[int, np.ndarray], batch_size: int,
                   num_workers: int, state: PartialState, desc: str) -> Iterator[tuple[int, Iterator]]:
-    """(k, batches of chunk k) in chunk order; every batch is (index, uint8 images, ok, reasons)
-    of at most `batch_size` samples of one chunk, decoded in DataLoader workers."""
+    """(k, batches of chunk k) in chunk order; every batch is (index, uint8 images, ok, reasons, stamps)
+    of at most `batch_size` samples of one chunk, decoded in DataLoader workers; stamps are the files'
+    (sizes, mtimes_ns, hashes) as read."""
     indices = [int(i) for ids in needed.values() for i in ids]
     batches, counts, pos = [], [], 0  # batches hold positions in `indices`
     for ids in needed.values():
@@ -245,7 +317,7 @@ def chunk_batches(sources: SourceList, resolution: int, needed: dict[int, np.nda
         counts.append(-(-n // batch_size))
         pos += n
     loader = iter(torch.utils.data.DataLoader(
-        ImageDataset(sources, resolution, indices), batch_sampler=batches,
+        ImageDataset(sources, resolution, indices, stamps=True), batch_sampler=batches,
         num_workers=num_workers if indices else 0, pin_memory=torch.cuda.is_available()))
     bar = tqdm(total=len(indices), unit="img", desc=desc, disable=not state.is_main_process, smoothing=0.1)
     delay = float(os.environ.get(TEST_DELAY_ENV, 0))
@@ -266,7 +338,7 @@ class ChunkWriter:
     """Writes finished chunks from a thread behind a bounded queue, so that the device keeps working."""
 
     def __init__(self, cache: Cache, namespace: str):
-        self.cache, self.namespace, self.error = cache, namespace, None
+        self.cache, self.namespace, self.error, self.failed = cache, namespace, None, None
         self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
         self.thread = threading.Thread(target=self._run, name=f"reglue-{namespace}-writer", daemon=True)
         self.thread.start()
@@ -279,7 +351,7 @@ class ChunkWriter:
                     k, data, extra = item
                     self.cache.write_chunk(self.namespace, k, data, **extra)
                 except BaseException as e:  # re-raised in the main thread
-                    self.error = e
+                    self.error, self.failed = e, k
 
     def submit(self, k: int, data: dict[str, np.ndarray], **extra) -> None:
         self._raise()
@@ -288,8 +360,12 @@ class ChunkWriter:
         self.written += stop - start
 
     def _raise(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"writing to {self.cache.url} failed: {self.error}") from self.error
+        e = self.error
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"{e.strerror}: writing chunk {self.failed} to {self.cache.url} failed; free "
+                                   "space and rerun the same command (finished chunks are kept)") from e
+        if e is not None:
+            raise RuntimeError(f"writing chunk {self.failed} to {self.cache.url} failed: {e}") from e
 
     def __enter__(self) -> ChunkWriter:
         return self
@@ -302,15 +378,13 @@ class ChunkWriter:
             self._raise()
 
 
-def finish(cache: Cache, namespace: str, state: PartialState) -> dict[int, dict]:
-    """Re-verify this process's chunks; on process 0 wait until every chunk is marked. Returns markers."""
+def finish(cache: Cache, namespace: str, written: list[int], state: PartialState) -> dict[int, dict]:
+    """Verify the chunks this process wrote; on process 0 wait until every chunk is marked. Returns markers."""
     markers = cache.markers(namespace)
     bad = []
-    for k in chunks_of_rank(cache.num_chunks, state.process_index, state.num_processes):
-        reason = cache.verify_chunk(namespace, k, markers.get(k))
-        if reason:
-            cache.delete_marker(namespace, k)
-            bad.append(f"chunk {k}: {reason}")
+    for k, reason in sorted(cache.verify_chunks(namespace, written, markers).items()):
+        cache.delete_marker(namespace, k)
+        bad.append(f"chunk {k}: {reason}")
     if bad:
         raise RuntimeError(f"{cache.url}: {len(bad)} chunks failed verification and will be recomputed by "
                            f"rerunning the same command: {'; '.join(bad[:10])}")
@@ -347,6 +421,7 @@ def extract_chunks(cache: Cache, chunks: list[int], sources: SourceList, encoder
                    comp: Compressor | None, cfg: ExtractConfig, state: PartialState) -> int:
     """Compute and write `chunks`; returns the number of samples written."""
     m = cache.meta
+    dtypes = cache.meta.identity()["dtypes"]  # what extract writes (not `compressed` added by a later fill)
     layer_index = layer_sample_indices(m.num_samples, m.layers_count)
     labels = np.asarray(sources.labels, dtype=np.int64)
     needed = {k: np.arange(*cache.sample_range(k)) for k in chunks}
@@ -354,12 +429,15 @@ def extract_chunks(cache: Cache, chunks: list[int], sources: SourceList, encoder
         for k, batches in chunk_batches(sources, m.resolution, needed, cfg.batch_size, cfg.num_workers,
                                         state, f"extract [rank {state.process_index}/{state.num_processes}]"):
             (start, stop), (j0, j1) = cache.sample_range(k), cache.layer_rows(k)
-            rows = {name: (j1 - j0 if name == "layers" else stop - start) for name in m.dtypes}
-            chunk = {name: np.zeros((n, *cache.array(name).shape[1:]), m.dtypes[name]) for name, n in rows.items()}
+            rows = {name: (j1 - j0 if name == "layers" else stop - start) for name in dtypes}
+            chunk = {name: np.zeros((n, *cache.array(name).shape[1:]), dtypes[name]) for name, n in rows.items()}
             chunk["labels"][:] = labels[start:stop]
-            skipped = []
-            for index, images, ok, reasons in batches:
+            skipped, stamps = [], {"size": [0] * (stop - start), "mtime_ns": [0] * (stop - start),
+                                   "hash": [""] * (stop - start)}
+            for index, images, ok, reasons, (sizes, mtimes, hashes) in batches:
                 index, ok = index.numpy(), ok.numpy()
+                for i, size, mtime, h in zip(index - start, sizes.tolist(), mtimes.tolist(), hashes):
+                    stamps["size"][i], stamps["mtime_ns"][i], stamps["hash"][i] = size, mtime, h
                 chunk["valid"][index - start] = ok
                 skipped += [{"index": int(i), "path": sources.paths[i], "reason": r}
                             for i, good, r in zip(index, ok, reasons) if not good]
@@ -374,28 +452,29 @@ def extract_chunks(cache: Cache, chunks: list[int], sources: SourceList, encoder
                     chunk[name][good - start] = out[name]
                 if keeps.any():
                     chunk["layers"][j[keeps] - j0] = out["layers"][keeps]
-            writer.submit(k, chunk, skipped=skipped)
+            writer.submit(k, chunk, skipped=skipped, sources=stamps)
     return writer.written
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
-    """Run (or resume, or confirm) the extraction of `cfg.src` into `cfg.out`."""
+    """Run (or resume, or repair, or confirm) the extraction of `cfg.src` into `cfg.out`."""
     t0 = time.perf_counter()
     sources = scan(cfg.src)
     refuse_foreign(cfg.out)  # before loading any weights: a wrong --out fails in a second
     state, device = process_state(cfg.device)
-    encoder = FeatureEncoder(cfg.spec, device)
-    comp = None
-    if cfg.compressor:
-        comp = Compressor.load(cfg.compressor, cfg.norm_stats, len(cfg.spec.layers) * encoder.dino_dim, "extract")
-    cache = open_store(cfg.out, plan_meta(cfg, sources, encoder, comp), list(sources.paths), state)
-    written = 0
-    if not cache.meta.complete:
-        written = extract_chunks(cache, owned_pending(cache, "extract", state), sources, encoder, comp, cfg, state)
-        markers = finish(cache, "extract", state)
-        if state.is_main_process:
-            cache.update_meta(skipped=merge_skipped(markers.values()), complete=True)
-    summary = summarize(cache, written, time.perf_counter() - t0)
+    with store_lock(cfg.out, state):  # a second extract on this store stops here, naming the holder
+        encoder = FeatureEncoder(cfg.spec, device)
+        comp = None
+        if cfg.compressor:
+            comp = Compressor.load(cfg.compressor, cfg.norm_stats, len(cfg.spec.layers) * encoder.dino_dim, "extract")
+        cache = open_store(cfg.out, plan_meta(cfg, sources, encoder, comp), list(sources.paths), state)
+        pending = owned_pending(cache, "extract", state, sources)
+        written = extract_chunks(cache, pending, sources, encoder, comp, cfg, state)
+        markers = finish(cache, "extract", pending, state)
+        skipped = merge_skipped(markers.values())
+        if state.is_main_process and (not cache.meta.complete or skipped != cache.meta.skipped):
+            cache.update_meta(skipped=skipped, complete=True)
+        summary = summarize(cache, written, time.perf_counter() - t0)
     state.print(summary)
     return summary
 
@@ -408,33 +487,38 @@ def summarize(cache: Cache, written: int, seconds: float) -> ExtractSummary:
 # ---- fill_compressed -------------------------------------------------------------------------
 
 def fill_compressed(cache_url: str, compressor: str, norm_stats: str, *, src: str | None = None,
-                    batch_size: int = 64, num_workers: int = 4, device: str | None = None) -> ExtractSummary:
+                    batch_size: int = 64, num_workers: int | None = None, device: str | None = None) -> ExtractSummary:
     """Add `compressed` [N, c, g, g] to a complete cache: from the stored `layers` rows where there are
     some, else by a DINOv2 pass over the source images (`src` overrides the recorded root; the VAE is
     never run again).
 
-    Resumable like `extract` (its own marker namespace "compressed"); the array becomes visible
-    (`cache.has("compressed")`) only once every chunk is verified."""
+    Resumable like `extract` (its own marker namespace "compressed"), and a rerun repairs chunks that
+    fail verification; the array becomes visible (`cache.has("compressed")`) only once every chunk is
+    verified."""
     t0 = time.perf_counter()
     state, device = process_state(device)
-    cache = Cache.open(cache_url, mode="r+")
-    m = cache.meta
-    comp = Compressor.load(compressor, norm_stats, len(m.layers) * m.dino_dim, "fill")
-    if m.compressed_channels:
-        if not comp.same_as(m.compressor):
+    with store_lock(cache_url, state):
+        cache = Cache.open(cache_url, mode="r+", allow_incomplete=True)
+        cache.require_complete()
+        cache.require_intact(["extract"])  # the inputs; `compressed` chunks are verified below
+        m = cache.meta
+        comp = Compressor.load(compressor, norm_stats, len(m.layers) * m.dino_dim, "fill")
+        if m.compressed_channels and not comp.same_as(m.compressor):
             raise ValueError(f"{cache_url} already holds compressed features from {m.compressor}; "
                              "extract a new cache for another compressor")
-        return summarize(cache, 0, time.perf_counter() - t0)
-    if state.is_main_process:
-        cache.prepare_fill(comp.provenance)
-    wait_for(lambda: cache.check_fill(comp.provenance), FileNotFoundError)
-    chunks = owned_pending(cache, "compressed", state)
-    written = fill_chunks(cache, chunks, comp, src, batch_size, num_workers, device, state)
-    finish(cache, "compressed", state)
-    if state.is_main_process:
-        cache.update_meta(compressed_channels=comp.provenance["channels"][-1], compressor=comp.provenance,
-                          dtypes=m.dtypes | {"compressed": "float16"})
-    summary = summarize(cache, written, time.perf_counter() - t0)
+        if m.compressed_channels and m.compressor.get("stage") != "fill":
+            return summarize(cache, 0, time.perf_counter() - t0)  # written (and repaired) by extract
+        if state.is_main_process:
+            cache.prepare_fill(comp.provenance)
+        wait_for(lambda: cache.check_fill(comp.provenance), FileNotFoundError)
+        chunks = owned_pending(cache, "compressed", state)
+        workers = default_workers() if num_workers is None else num_workers
+        written = fill_chunks(cache, chunks, comp, src, batch_size, workers, device, state)
+        finish(cache, "compressed", chunks, state)
+        if state.is_main_process and not m.compressed_channels:
+            cache.update_meta(compressed_channels=comp.provenance["channels"][-1], compressor=comp.provenance,
+                              dtypes=m.dtypes | {"compressed": "float16"})
+        summary = summarize(cache, written, time.perf_counter() - t0)
     state.print(summary)
     return summary
 
@@ -446,6 +530,7 @@ def fill_chunks(cache: Cache, chunks: list[int], comp: Compressor, src: str | No
     valid = cache.read("valid")
     sources = SourceList(Path(src or m.source["root"]), tuple(cache.source_paths()),
                          tuple(int(x) for x in cache.read("labels")))
+    extracted = cache.markers("extract")
     needed = {}
     for k in chunks:
         start, stop = cache.sample_range(k)
@@ -468,10 +553,15 @@ def fill_chunks(cache: Cache, chunks: list[int], comp: Compressor, src: str | No
             if keep.any():
                 layers = torch.from_numpy(cache.read("layers", j0, j1)[keep]).to(device)
                 out[rows[keep] - start] = comp(layers).cpu().numpy()
-            for index, images, ok, reasons in batches:
+            recorded = extracted.get(k, {}).get("sources")
+            for index, images, ok, reasons, (_, _, hashes) in batches:
                 if bad := np.flatnonzero(~ok.numpy()).tolist():
                     raise ValueError(f"{sources.path(int(index[bad[0]]))} decoded at extract time but not now "
                                      f"({reasons[bad[0]]}): the source changed")
+                for i, h in zip(index.tolist(), hashes):
+                    if recorded and recorded["hash"][i - start] not in ("", h):
+                        raise ValueError(f"{sources.path(i)} changed since it was extracted; rerun the same "
+                                         "`reglue extract` command first (it re-extracts the changed chunks)")
                 layers = encoder.layers(images).half()
                 out[index.numpy() - start] = comp(layers).cpu().numpy()
             writer.submit(k, {"compressed": out})

@@ -5,11 +5,17 @@ reference's `convert` step uses):
 - a class-folder tree (ImageNet layout): label = index of the top-level folder in sorted order;
 - a flat folder (no sub-folders): label -1;
 - a text file list: one `path [label]` per line, paths relative to the list's folder or absolute.
-Every image goes through `load_image`: decode, convert to RGB, ADM center crop.
+Every image goes through `load_image`: decode, convert to RGB, ADM center crop. EXIF orientation is
+not applied, as the reference's `PIL.Image.open(f).convert('RGB')` (edm2 `dataset_tools.py`) does not.
+
+Each file read is also stamped (size, modification time, a hash of its bytes) so that a rerun of
+`extract` can tell a source changed in place from one it has already encoded (`file_stamp`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 Image.init()
 IMAGE_EXTENSIONS = frozenset(Image.EXTENSION)
@@ -27,9 +33,9 @@ IMAGE_EXTENSIONS = frozenset(Image.EXTENSION)
 class BadImage(ValueError):
     """A source file that cannot become an RGB crop (unreadable, truncated, not an image)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, stamp: tuple[int, int, str] | None = None):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.stamp = reason, stamp
 
 
 # ---- listing ---------------------------------------------------------------------------------
@@ -104,7 +110,7 @@ def _scan_folder(root: Path) -> SourceList:
 
 
 def _scan_list(list_file: Path) -> SourceList:
-    paths, labels = [], []
+    paths, labels, seen = [], [], {}
     for n, line in enumerate(list_file.read_text().splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -116,6 +122,12 @@ def _scan_list(list_file: Path) -> SourceList:
             path, label = line, -1
         if label < -1:
             raise ValueError(f"{list_file}:{n}: label {label} must be >= 0 (or -1 for none)")
+        # A repeated file would be one sample twice (and maybe with two labels): refused, not kept.
+        where = os.path.normpath(os.path.join(list_file.parent, path))
+        if where in seen:
+            raise ValueError(f"{list_file}:{n}: {path} is the same file as line {seen[where]}; remove the repeated "
+                             "line (a cache holds each source file once)")
+        seen[where] = n
         paths.append(Path(path).as_posix())
         labels.append(label)
     return SourceList(list_file.parent, tuple(paths), tuple(labels), kind="list")
@@ -169,40 +181,85 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_image(path: str | Path, resolution: int) -> np.ndarray:
-    """Decode one file to a uint8 [3,R,R] crop, or raise `BadImage` saying why it cannot be used."""
-    path = Path(path)
+MISSING = (-1, 0, "")
+"""The stamp of a file that is not there (or a dangling symlink)."""
+
+
+def file_stamp(path: str | Path) -> tuple[int, int]:
+    """(size, modification time in ns) of the file `path` names (symlinks followed), or MISSING[:2]."""
     try:
-        if path.stat().st_size == 0:
-            raise BadImage("empty file (0 bytes)")
-        with Image.open(path) as img:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return MISSING[:2]
+    return st.st_size, st.st_mtime_ns
+
+
+def content_hash(data: bytes) -> str:
+    """A short hash of a file's bytes (blake2b, 64 bits: change detection, not security)."""
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def read_source(path: str | Path) -> tuple[bytes, tuple[int, int, str]]:
+    """A file's bytes and its stamp (size, mtime_ns, content hash) taken from the open file itself, so
+    that the stamp describes the bytes read even if the file is replaced meanwhile."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise BadImage(f"{type(e).__name__}: {e}", MISSING) from e
+    except OSError as e:
+        raise BadImage(f"{type(e).__name__}: {e}", (*file_stamp(path), "")) from e
+    return data, (st.st_size, st.st_mtime_ns, content_hash(data))
+
+
+def decode_image(data: bytes, resolution: int) -> np.ndarray:
+    """A file's bytes -> uint8 [3,R,R] crop, or `BadImage` saying why it cannot be used."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        # No ImageOps.exif_transpose: the reference ignores EXIF orientation (edm2 dataset_tools.py).
+        with Image.open(io.BytesIO(data)) as img:
             img.load()  # decode now: a truncated file fails here, not later
             rgb = to_rgb(img)
         return np.ascontiguousarray(center_crop(rgb, resolution).transpose(2, 0, 1))
     except BadImage:
         raise
-    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
+    except UnidentifiedImageError as e:  # its message names the in-memory buffer: say it without
+        raise BadImage(f"{type(e).__name__}: cannot identify image file (not an image format Pillow reads)") from e
+    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
         raise BadImage(f"{type(e).__name__}: {e}") from e
 
 
+def load_image(path: str | Path, resolution: int) -> np.ndarray:
+    """Decode one file to a uint8 [3,R,R] crop, or raise `BadImage` saying why it cannot be used."""
+    return decode_image(read_source(path)[0], resolution)
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """Crops for DataLoader workers: item = (index, uint8 [3,R,R], ok, reason).
+    """Crops for DataLoader workers: item = (index, uint8 [3,R,R], ok, reason), plus with `stamps` the
+    file's (size, mtime_ns, hash) as read (`read_source`).
 
     A file that fails to decode gives zeros, ok=False and the reason, so a bad file never kills a
     worker; the caller records it as skipped.
     """
 
-    def __init__(self, sources: SourceList, resolution: int, indices: Sequence[int] | None = None):
+    def __init__(self, sources: SourceList, resolution: int, indices: Sequence[int] | None = None,
+                 stamps: bool = False):
         self.sources = sources
         self.resolution = resolution
         self.indices = list(range(len(sources))) if indices is None else list(indices)
+        self.stamps = stamps
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, bool, str]:
-        index = self.indices[i]
+    def __getitem__(self, i: int) -> tuple:
+        index, stamp = self.indices[i], None
         try:
-            return index, torch.from_numpy(load_image(self.sources.path(index), self.resolution)), True, ""
+            data, stamp = read_source(self.sources.path(index))
+            item = index, torch.from_numpy(decode_image(data, self.resolution)), True, ""
         except BadImage as e:
-            return index, torch.zeros(3, self.resolution, self.resolution, dtype=torch.uint8), False, e.reason
+            stamp = e.stamp or stamp
+            item = index, torch.zeros(3, self.resolution, self.resolution, dtype=torch.uint8), False, e.reason
+        return (*item, stamp) if self.stamps else item

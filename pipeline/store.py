@@ -19,6 +19,10 @@ tokens, D = DINOv2 width, L = number of multi-layer features, zc = VAE latent ch
 Chunk k covers samples [k*C, (k+1)*C) of every per-sample array and the `layers` rows whose sample
 falls there; one process writes all of it, then a done marker `_markers/<namespace>/<k>` holding
 the sha256 of every array region it wrote. `meta.complete` is set only once every marker verifies.
+
+Readers never see a fill value for a chunk that should hold data: `Cache.open` refuses a store whose
+chunks are not all marked and present (one listing), and `Cache.read` turns a chunk that is missing
+or fails to decode into `DamagedCache`, one line naming the array, the chunk and the fix.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +42,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.storage import WrapperStore
 
 from reglue.pipeline import codec
 
@@ -47,8 +55,10 @@ LAYER_ARRAYS = ("layers",)  # arrays indexed by layers row j, not by sample
 # Codec, chosen by measurement (bench/extract.py storage, BENCHMARKS.md): zstd level 3
 # saves 8 % on int8 patches, 14 % on fp16 VAE moments, 7 % on fp32 CLS at 0.5-1 GB/s decode per
 # core; levels 1 and 9 give the same size, blosc-lz4 saves nothing on int8, and byte-shuffle +
-# zstd wins only 7 % on the (small) VAE moments, so one codec serves every array.
-COMPRESSORS = (ZstdCodec(level=3),)
+# zstd wins only 7 % on the (small) VAE moments, so one codec serves every array. The frame
+# checksum (xxhash, 4 B per chunk) makes a damaged chunk fail to decode: without it, 2 of 3 flipped
+# byte positions tried decoded silently to wrong values.
+COMPRESSORS = (ZstdCodec(level=3, checksum=True),)
 PATHS_CHUNK = 65536
 
 
@@ -174,8 +184,17 @@ def probe(url: str) -> str:
         return "absent"
     if fs.isfile(path) or not fs.exists(f"{path}/zarr.json"):
         return "other"
-    attrs = json.loads(fs.cat_file(f"{path}/zarr.json")).get("attributes", {})
+    attrs = _load_json(fs, f"{path}/zarr.json").get("attributes", {})
     return "cache" if ATTR in attrs else "partial" if CREATING_ATTR in attrs else "other"
+
+
+def _load_json(fs, path: str) -> dict:
+    """A metadata file, or an error naming it (not the bare `Expecting ':' delimiter` of a truncated one)."""
+    try:
+        return json.loads(fs.cat_file(path))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedCache(f"{path} is damaged (not valid JSON: {e}); nothing was changed. Restore it from a "
+                           "copy of the store, or extract again into a new --out") from None
 
 
 def _visible_entries(fs, path: str) -> list[str]:
@@ -191,6 +210,51 @@ def refuse_foreign(url: str) -> str:
     return state
 
 
+# ---- damage: what readers must never see as data --------------------------------------------
+
+class DamagedCache(ValueError):
+    """A chunk that is missing, has no done marker or does not decode, or a damaged metadata file:
+    one line naming it and the fix (the CLI prints ValueErrors as `error: ...`)."""
+
+
+class MissingChunk(Exception):
+    """Raised by `_StrictStore` for a chunk file that is not there (zarr would serve the fill value)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"chunk file {key} is missing")
+        self.key = key
+
+
+class _StrictStore(WrapperStore):
+    """A zarr store that reads a missing chunk as an error instead of as the fill value (zarr 3.1 has no
+    option for this; zarr-python PR #3748 adds one later). `may_be_absent(key)` names the chunks that may
+    legitimately have no file: all-zero chunks that stores written before `write_empty_chunks` skipped."""
+
+    def __init__(self, store, may_be_absent: Callable[[str], bool] = lambda key: False):
+        super().__init__(store)
+        self.may_be_absent = may_be_absent
+
+    def _with_store(self, store):
+        return type(self)(store, self.may_be_absent)
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None and "/c/" in f"/{key}" and not self.may_be_absent(key):
+            raise MissingChunk(key)
+        return value
+
+
+def repair_command(namespace: str = "extract") -> str:
+    """How to repair a chunk of `namespace`: rerun the command that wrote it (it redoes exactly the
+    chunks that fail verification)."""
+    return ("rerun the same `reglue extract` command" if namespace == "extract" else
+            "rerun `reglue fill-compressed` with the same compressor (or `reglue train-compressor --fill`)")
+
+
+def repair_hint(url: str, namespace: str = "extract") -> str:
+    return f"{repair_command(namespace)} to repair it (`reglue cache verify {url}` lists every damaged chunk)"
+
+
 # ---- the store -------------------------------------------------------------------------------
 
 class Cache:
@@ -203,6 +267,10 @@ class Cache:
             raise ValueError(f"{url}: cache format version {self.meta.format_version}, this reglue reads "
                              f"version {FORMAT_VERSION}; re-extract or use a matching reglue")
         self._arrays: dict[str, zarr.Array] = {}
+        self._strict: zarr.Group | None = None  # set by `require_intact`: reads refuse missing chunks
+        self._readers: dict[str, zarr.Array] = {}
+        self._fs, self._root = fsspec.core.url_to_fs(_local(url))
+        self._root = self._root.rstrip("/")
 
     # -- opening and creating
 
@@ -215,13 +283,30 @@ class Cache:
         cache = cls(zarr.open_group(_local(url), mode=mode, zarr_format=3), url)
         if allow_incomplete:
             return cache
-        if not cache.meta.complete:
-            raise ValueError(f"{url} is incomplete (extraction still running or stopped early): rerun the "
-                             "same `reglue extract` command to finish it, or check `reglue cache info`")
-        if cache.meta.patches_encoding != codec.ENCODING:
-            raise ValueError(f"{url} encodes patches as {cache.meta.patches_encoding!r}; this reglue decodes "
-                             f"{codec.ENCODING!r} only")
+        cache.require_complete()
+        cache.require_intact()
         return cache
+
+    def require_complete(self) -> None:
+        if not self.meta.complete:
+            raise ValueError(f"{self.url} is incomplete (extraction still running or stopped early): rerun the "
+                             "same `reglue extract` command to finish it, or check `reglue cache info`")
+        if self.meta.patches_encoding != codec.ENCODING:
+            raise ValueError(f"{self.url} encodes patches as {self.meta.patches_encoding!r}; this reglue decodes "
+                             f"{codec.ENCODING!r} only")
+
+    def require_intact(self, namespaces: Iterable[str] | None = None) -> None:
+        """Refuse in one line a store whose chunks are not all marked done and present: a listing (one
+        stat per chunk file on a local disk), no chunk is read. From then on `read` refuses a chunk file
+        that vanished or does not decode, instead of reading zarr's fill value."""
+        problems, absent = self.inspect(namespaces)
+        if problems:
+            ns, text = problems[0]
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise DamagedCache(f"{self.url}: {text}{more}; {repair_hint(self.url, ns)}")
+        absent |= self._zero_layer_rows()
+        self._strict = zarr.open_group(_StrictStore(self.group.store, absent.__contains__), mode="r", zarr_format=3)
+        self._readers = {}
 
     @classmethod
     def create_or_resume(cls, url: str, meta: CacheMeta, paths: list[str], *, create: bool = True) -> Cache:
@@ -248,8 +333,12 @@ class Cache:
             raise ValueError(f"{len(paths)} paths for {meta.num_samples} samples")
         # Mode "a" plus clearing the group's members, not mode "w": a cut creation is redone, and a
         # folder's dot-files (the repository's `cache/.gitignore`) survive.
-        group = zarr.open_group(_local(url), mode="a", zarr_format=3)
-        for name in list(group.keys()):
+        # Born with the creating mark: another process probing meanwhile sees "partial", never "other".
+        group = zarr.open_group(_local(url), mode="a", zarr_format=3, attributes={CREATING_ATTR: True})
+        with warnings.catch_warnings():  # dot-files (lock files, .gitignore) are not zarr nodes, and stay
+            warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+            names = list(group.keys())
+        for name in names:
             del group[name]
         group.attrs.put({CREATING_ATTR: True})
         for name, (shape, dtype, chunks) in array_layout(meta).items():
@@ -295,8 +384,17 @@ class Cache:
     # -- reading
 
     def array(self, name: str) -> zarr.Array:
+        """The zarr array `name` as stored (writes go here; reads for training go through `read`)."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            try:
+                node = self.group[name]
+            except ValueError as e:  # json.JSONDecodeError: a truncated or damaged metadata file
+                raise DamagedCache(f"{self._root}/{name}/zarr.json is damaged (not valid JSON: {e}); nothing was "
+                                   "changed. Restore it from a copy of the store, or extract again into a "
+                                   "new --out") from None
+            # Every chunk a writer touches is stored, zeros included: a missing chunk file then always
+            # means damage (zarr's default skips all-zero chunks, which then read as the fill value).
+            self._arrays[name] = node.with_config({"write_empty_chunks": True})
         return self._arrays[name]
 
     def has(self, name: str) -> bool:
@@ -304,10 +402,47 @@ class Cache:
         return name in self.meta.dtypes or name == "paths" or (name == "layers_index" and self.meta.layers_count > 0)
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Raw stored values of rows [start, stop) (samples, or `layers` rows for layers/layers_index)."""
+        """Raw stored values of rows [start, stop) (samples, or `layers` rows for layers/layers_index).
+
+        Every read of stored values for training goes through here: a chunk that is missing or does not
+        decode raises `DamagedCache` naming it and the fix, never a fill value or a codec traceback."""
         if not self.has(name):
             raise KeyError(f"{self.url} has no {name!r} array (present: {sorted(self.meta.dtypes)})")
-        return self.array(name)[start:stop]
+        reader = self._reader(name)
+        try:
+            return reader[start:stop]
+        except (MissingChunk, RuntimeError, ValueError) as e:  # zstd: RuntimeError; wrong size: ValueError
+            raise self._damage(reader, name, start, stop, e) from e
+
+    def rows(self, name: str) -> Rows:
+        """`read` as an array-like along the row axis (shape, dtype, [i:j, ...]), e.g. for dask.from_array."""
+        return Rows(self, name)
+
+    def _reader(self, name: str) -> zarr.Array:
+        if self._strict is None:
+            return self.array(name)
+        if name not in self._readers:
+            self._readers[name] = self._strict[name]
+        return self._readers[name]
+
+    def _damage(self, reader: zarr.Array, name: str, start: int, stop: int | None, error: Exception) -> DamagedCache:
+        """The one-line error for a failed read of rows [start, stop) of `name`: which chunk, why, the fix."""
+        rows = reader.chunks[0]
+        if isinstance(error, MissingChunk):
+            c, why = int(error.key.split("/c/", 1)[1].split("/")[0]), "has no file"
+        else:
+            stop = reader.shape[0] if stop is None else stop
+            c = next((c for c in range(start // rows, -(-stop // rows)) if _fails(reader, c)), start // rows)
+            why = f"cannot be decoded ({type(error).__name__}: {error})"
+        ns = next((ns for ns, names in self.written_arrays().items() if name in names), "extract")
+        return DamagedCache(f"{self.url}: {self._chunk_name(name, c, rows)} {why}; {repair_hint(self.url, ns)}")
+
+    def _chunk_name(self, name: str, c: int, rows: int) -> str:
+        if name in LAYER_ARRAYS:
+            sample = int(self.array("layers_index")[c])
+            return f"row {c} of {name!r} (sample {sample}, chunk {sample // self.meta.chunk_size})"
+        start, stop = c * rows, min((c + 1) * rows, self.array(name).shape[0])
+        return f"chunk {c} of {name!r} (samples {start}..{stop - 1})"
 
     def valid_indices(self) -> np.ndarray:
         """Indices of the samples that were decoded (valid=True), ascending."""
@@ -363,18 +498,38 @@ class Cache:
         return f"{MARKERS}/{namespace}/{k:07d}"
 
     def marker(self, namespace: str, k: int) -> dict | None:
-        node = self.group.get(self._marker_path(namespace, k))
-        return None if node is None else dict(node.attrs)
+        return self._read_markers(namespace, [k]).get(k)
 
     def markers(self, namespace: str) -> dict[int, dict]:
-        """Every done marker of `namespace`, by chunk. (A store's config never changes after creation,
-        so a marker always belongs to it.)"""
-        node = self.group.get(f"{MARKERS}/{namespace}")
-        return {} if node is None else {int(name): dict(g.attrs) for name, g in node.groups()}
+        """Every done marker of `namespace`, by chunk; a torn or damaged marker file counts as none (its
+        chunk is redone). (A store's config never changes after creation, so a marker always belongs to it.)"""
+        base = f"{self._root}/{MARKERS}/{namespace}"
+        listed = self._fs.ls(base, detail=False) if self._fs.isdir(base) else []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in listed]
+        return self._read_markers(namespace, [int(n) for n in names if n.isdigit()])
+
+    def _read_markers(self, namespace: str, chunks: list[int]) -> dict[int, dict]:
+        paths = [f"{self._root}/{self._marker_path(namespace, k)}/zarr.json" for k in chunks]
+        with ThreadPoolExecutor(min(16, max(len(paths), 1))) as pool:  # latency-bound on network storage
+            texts = list(pool.map(lambda p: _cat_or_none(self._fs, p), paths))
+        out = {}
+        for k, text in zip(chunks, texts):
+            try:
+                out[k] = json.loads(text)["attributes"]
+            except (TypeError, ValueError, KeyError):
+                continue
+        return out
+
+    def unmarked(self, namespace: str) -> list[int]:
+        """Chunks of `namespace` without a done marker file: one stat per chunk, no marker is read."""
+        keys = {k: f"{self._marker_path(namespace, k)}/zarr.json" for k in range(self.num_chunks)}
+        present = self._existing(list(keys.values()))
+        return [k for k, key in keys.items() if key not in present]
 
     def delete_marker(self, namespace: str, k: int) -> None:
-        if self.group.get(self._marker_path(namespace, k)) is not None:
-            del self.group[self._marker_path(namespace, k)]
+        path = f"{self._root}/{self._marker_path(namespace, k)}"
+        if self._fs.exists(path):
+            self._fs.rm(path, recursive=True)
 
     def verify_chunk(self, namespace: str, k: int, marker: dict | None = None) -> str | None:
         """None if chunk k matches its marker, else why not (missing marker, unreadable, mismatch)."""
@@ -391,10 +546,133 @@ class Cache:
                 return f"{name}: checksum mismatch (chunk file changed or missing)"
         return None
 
+    def verify_chunks(self, namespace: str, chunks: Iterable[int], markers: dict[int, dict],
+                      threads: int | None = None) -> dict[int, str]:
+        """`verify_chunk` of each of `chunks` in threads (zstd and sha256 release the GIL): chunk -> why it fails."""
+        chunks = list(chunks)
+        threads = threads or min(8, os.cpu_count() or 1, max(len(chunks), 1))
+        with ThreadPoolExecutor(threads) as pool:
+            reasons = list(pool.map(lambda k: self.verify_chunk(namespace, k, markers.get(k)), chunks))
+        return {k: reason for k, reason in zip(chunks, reasons) if reason}
+
     def missing_chunks(self, namespace: str) -> list[int]:
         """Chunks of `namespace` with no valid done marker."""
         done = self.markers(namespace)
         return [k for k in range(self.num_chunks) if k not in done]
+
+    # -- the cheap check
+
+    def written_arrays(self) -> dict[str, list[str]]:
+        """Marker namespace -> the chunk-written arrays its markers cover."""
+        extract = list(self.meta.identity()["dtypes"])
+        fill = ["compressed"] if "compressed" in self.meta.dtypes and "compressed" not in extract else []
+        return {"extract": extract} | ({"compressed": fill} if fill else {})
+
+    def inspect(self, namespaces: Iterable[str] | None = None) -> tuple[list[tuple[str, str]], set[str]]:
+        """Without reading any chunk: (problems as (namespace, text), keys of chunk files that may be absent).
+
+        A chunk must have its done marker and a file in every per-sample array its namespace writes; an
+        absent file is fine only if its marker says the chunk was all zeros (stores written before every
+        chunk was stored). `layers` rows (one file each) are checked at read."""
+        problems, absent = [], set()
+        for ns, names in self.written_arrays().items():
+            if namespaces is not None and ns not in namespaces:
+                continue
+            unmarked = self.unmarked(ns)
+            if unmarked:
+                problems.append((ns, f"{len(unmarked)} of {self.num_chunks} chunks have no done marker "
+                                     f"({ns} chunks {_few(unmarked)})"))
+            files = {(name, k): self.chunk_key(name, k)
+                     for name in names if name not in LAYER_ARRAYS for k in range(self.num_chunks)}
+            present, skip = self._existing(list(files.values())), set(unmarked)
+            for (name, k), key in files.items():
+                if key in present or k in skip:
+                    continue
+                if self._zero_by_marker(ns, name, k):
+                    absent.add(key)
+                else:
+                    start, stop = self.sample_range(k)
+                    problems.append((ns, f"chunk {k} of {name!r} (samples {start}..{stop - 1}) has no file ({key})"))
+        return problems, absent
+
+    def chunk_key(self, name: str, c: int) -> str:
+        """Store key of zarr chunk `c` (along the row axis) of `name`, e.g. `cls/c/3/0`."""
+        arr = self.array(name)
+        return f"{name}/{arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))}"
+
+    def _existing(self, keys: list[str]) -> set[str]:
+        """Which of `keys` exist: one stat each on a local disk (threads hide network file system latency),
+        one recursive listing per folder on object stores."""
+        if not keys:
+            return set()
+        if "://" not in _local(self.url):
+            paths = [os.path.join(self._root, k) for k in keys]
+            parts = [paths[i::16] for i in range(16)]
+            with ThreadPoolExecutor(16) as pool:
+                found = [p for part in pool.map(lambda ps: [p for p in ps if os.path.exists(p)], parts) for p in part]
+            return {p[len(self._root) + 1:] for p in found}
+        prefixes = {"/".join(k.split("/")[:2]) for k in keys}
+        listed = set()
+        for prefix in prefixes:
+            listed |= {self._fs._strip_protocol(p)[len(self._root) + 1:]
+                       for p in self._fs.find(f"{self._root}/{prefix}")}
+        return listed & set(keys)
+
+    def _zero_by_marker(self, ns: str, name: str, k: int) -> bool:
+        """Whether chunk k of `name` holds only zeros according to its done marker."""
+        marker = self.marker(ns, k)
+        if marker is None or name not in marker.get("checksums", {}):
+            return False
+        start, stop = self.region(name, k)
+        zeros = np.zeros((stop - start, *self.array(name).shape[1:]), self.array(name).dtype)
+        return marker["checksums"][name] == digest(zeros)
+
+    def _zero_layer_rows(self) -> set[str]:
+        """Files of `layers` rows that are zeros by construction (skipped samples), which stores written
+        before every chunk was stored have not written."""
+        if "layers" not in self.meta.dtypes:
+            return set()
+        index = self.array("layers_index")[:]
+        invalid = np.flatnonzero(~self.array("valid")[:][index])
+        return {self.chunk_key("layers", int(j)) for j in invalid}
+
+
+class Rows:
+    """`cache.read(name, ...)` as an array-like along the row axis, so that every reader (dask too) goes
+    through the checked read."""
+
+    def __init__(self, cache: Cache, name: str):
+        arr = cache.array(name)
+        self.cache, self.name, self.shape, self.dtype, self.ndim = cache, name, arr.shape, arr.dtype, arr.ndim
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if not key:
+            return self.cache.read(self.name)
+        if not isinstance(key[0], slice) or key[0].step not in (None, 1):
+            raise IndexError(f"Rows reads contiguous row ranges, got {key[0]!r}")
+        start, stop, _ = key[0].indices(self.shape[0])
+        return self.cache.read(self.name, start, max(start, stop))[(slice(None), *key[1:])]
+
+
+def _fails(arr: zarr.Array, c: int) -> bool:
+    rows = arr.chunks[0]
+    try:
+        arr[c * rows:(c + 1) * rows]
+    except Exception:  # noqa: BLE001 - any failure means this chunk is the damaged one
+        return True
+    return False
+
+
+def _few(items: list[int], n: int = 8) -> str:
+    return ", ".join(map(str, items[:n])) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _cat_or_none(fs, path: str) -> bytes | None:
+    try:
+        return fs.cat_file(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
 
 
 def array_layout(meta: CacheMeta) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
@@ -433,24 +711,32 @@ def verify(url: str) -> list[str]:
     namespaces = ["extract"] + (["compressed"] if cache.group.get(f"{MARKERS}/compressed") is not None else [])
     for ns in namespaces:
         markers = cache.markers(ns)
-        for k in range(cache.num_chunks):
-            reason = cache.verify_chunk(ns, k, markers.get(k)) if k in markers else "no done marker"
-            if reason:
-                start, stop = cache.sample_range(k)
-                problems.append(f"{ns} chunk {k} (samples {start}..{stop - 1}): {reason}")
+        failed = {k: "no done marker" for k in range(cache.num_chunks) if k not in markers}
+        failed |= cache.verify_chunks(ns, markers, markers)
+        for k, reason in sorted(failed.items()):
+            start, stop = cache.sample_range(k)
+            problems.append(f"{ns} chunk {k} (samples {start}..{stop - 1}): {reason}")
     if not cache.meta.complete:
         problems.append("the store is not marked complete (rerun the extract command to finish it)")
     return problems
+
+
+def repair_advice(problems: list[str]) -> str:
+    """The fix for what `verify` found: rerun the command that wrote the failing chunks."""
+    namespaces = sorted({"compressed" if p.startswith("compressed ") else "extract" for p in problems})
+    return "; ".join(f"{repair_command(ns)}: it recomputes exactly the {ns} chunks that fail" for ns in namespaces)
 
 
 def info(url: str) -> str:
     """A human summary: arrays (shape, dtype, chunks, codec, bytes), counts, config, progress."""
     cache = Cache.open(url, allow_incomplete=True)
     m, N = cache.meta, cache.meta.num_samples
-    lines = [f"cache {url}  (format {m.format_version}, {'complete' if m.complete else 'INCOMPLETE'})",
+    problems, _ = cache.inspect()
+    state = ("INCOMPLETE" if not m.complete else "complete, but DAMAGED (see below)" if problems else "complete")
+    lines = [f"cache {url}  (format {m.format_version}, {state})",
              f"samples {N}: valid {int(cache.array('valid')[:].sum())}, skipped {len(m.skipped)}; chunks "
              f"{cache.num_chunks} x {m.chunk_size} samples, "
-             f"done {cache.num_chunks - len(cache.missing_chunks('extract'))}",
+             f"done {cache.num_chunks - len(cache.unmarked('extract'))}",
              f"{'array':<14}{'shape':<22}{'dtype':<9}{'chunks':<22}{'codec':<10}{'stored':>12}{'B/image':>11}"]
     sizes = cache.stored_bytes()
     for name, stored in sizes.items():
@@ -472,6 +758,8 @@ def info(url: str) -> str:
     if m.compressor:
         lines.append(f"compressor: {json.dumps(m.compressor)}")
     lines += [f"skipped {s['path']}: {s['reason']}" for s in m.skipped]
+    if m.complete:  # an unfinished store lacks markers by design; the first line says so
+        lines += [f"DAMAGED: {text}; {repair_hint(url, ns)}" for ns, text in problems]
     return "\n".join(lines)
 
 

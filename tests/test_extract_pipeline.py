@@ -2,12 +2,14 @@
 contents, skips, info/verify, errors that change nothing, 2 processes == 1, SIGKILL then resume,
 and `fill_compressed`."""
 
+import errno
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from typer.testing import CliRunner
 from reglue.cli import app
 from reglue.pipeline.compressor import EncoderDecoder, save_compressor, save_norm_stats
 from reglue.pipeline.encoders import EncoderSpec, FeatureEncoder
-from reglue.pipeline.extract import TEST_DELAY_ENV, ExtractConfig, extract, fill_compressed
+from reglue.pipeline.extract import TEST_DELAY_ENV, ExtractConfig, default_workers, extract, fill_compressed
 from reglue.pipeline.sources import load_image
 from reglue.pipeline.store import Cache, decode_patches, layer_sample_indices, verify
 
@@ -169,6 +171,91 @@ def test_errors_change_nothing(clean, source, tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in Path(clean.url).rglob("*")} == before
 
 
+def flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 8] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_rerun_repairs_exactly_the_damaged_chunks(clean, source, tmp_path):
+    """Issue 12 item 3: a missing chunk file, flipped bytes and a lost marker; verify names the fix."""
+    out = tmp_path / "damaged.zarr"
+    shutil.copytree(clean.url, out)
+    os.remove(out / "patches/c/2/0/0")
+    flip(out / "vae_moments/c/4/0/0/0")
+    Cache.open(str(out), allow_incomplete=True).delete_marker("extract", 1)
+    result = CliRunner().invoke(app, ["cache", "verify", str(out)])
+    assert result.exit_code == 1 and "to repair: rerun the same `reglue extract` command" in result.output
+    with pytest.raises(ValueError, match="rerun the same `reglue extract` command to repair"):
+        Cache.open(str(out))
+    summary = extract(config(source, out, num_workers=0))
+    assert summary.complete and summary.written == 3 * CHUNK  # chunks 1, 2 and 4, nothing else
+    assert verify(str(out)) == [] and "DAMAGED" not in CliRunner().invoke(app, ["cache", "info", str(out)]).output
+    assert_same_arrays(Cache.open(str(out)), clean)
+
+
+def test_missing_and_damaged_chunks_stop_training_in_one_line(clean, tmp_path):
+    """Issue 12 items 1 and 4, through `reglue train` (sit: VAE moments and labels only)."""
+    args = ["--model", "SiT-tiny/2", "--method", "sit", "--no-flip", "--global-batch", "4", "--precision", "fp32",
+            "--max-steps", "2", "--sample-every", "0", "--trackers", ""]
+    missing, damaged = tmp_path / "missing.zarr", tmp_path / "damaged.zarr"
+    shutil.copytree(clean.url, missing)
+    shutil.copytree(clean.url, damaged)
+    os.remove(missing / "vae_moments/c/3/0/0/0")
+    flip(damaged / "vae_moments/c/3/0/0/0")
+    for cache, why in ((missing, "has no file"), (damaged, "cannot be decoded")):
+        result = CliRunner().invoke(app, ["train", "--cache", str(cache), "--out", str(tmp_path / cache.stem), *args])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, result.output  # other lines: what train prints before it reads
+        line = errors[0]
+        assert f"chunk 3 of 'vae_moments' (samples 12..15) {why}" in line
+        assert "rerun the same `reglue extract` command to repair it" in line
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(clean, source, tmp_path, monkeypatch):
+    """Issue 12 item 8: ENOSPC while writing chunk 2; the rerun with space completes the same store."""
+    from zarr.storage import LocalStore
+
+    set_ = LocalStore.set
+
+    async def full_disk(self, key, value):
+        if key.startswith("cls/c/2/"):
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+        return await set_(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", full_disk)
+    out = tmp_path / "full.zarr"
+    result = CliRunner().invoke(app, ["extract", str(source), "--out", str(out), *ARGS])
+    last = result.output.strip().splitlines()[-1]  # after the progress bar: one line, no traceback
+    assert result.exit_code == 1 and "Traceback" not in result.output and last.startswith("error: "), result.output
+    assert "No space left on device: writing chunk 2" in last and "rerun the same command" in last
+    monkeypatch.setattr(LocalStore, "set", set_)
+    summary = extract(config(source, out, num_workers=0))
+    assert summary.complete and summary.written < 21
+    assert_same_arrays(Cache.open(str(out)), clean)
+
+
+def test_bad_options_change_nothing(source, tmp_path, monkeypatch):
+    """Issue 12 item 8b: --chunk-size 0 and a file list with a repeated path; workers from the cores."""
+    runner, out = CliRunner(), tmp_path / "c.zarr"
+    result = runner.invoke(app, ["extract", str(source), "--out", str(out), *ARGS, "--chunk-size", "0"])
+    assert result.exit_code == 1 and "chunk_size must be >= 1, got 0" in result.output and not out.exists()
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{source}/ant/00.png 0\n{source}/ant/01.jpg 0\n{source}/ant/00.png 0\n")
+    result = runner.invoke(app, ["extract", str(listed), "--out", str(out), *ARGS])
+    assert result.exit_code == 1 and "list.txt:3:" in result.output and not out.exists()
+
+    for cores, local_world, want in ((2, 1, 1), (1, 1, 0), (64, 1, 8), (16, 8, 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+        assert ExtractConfig(str(source)).num_workers == want
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when workers exceed the cores
+        torch.utils.data.DataLoader(range(2), num_workers=default_workers()).check_worker_number_rationality()
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(clean, source, tmp_path):
     out = tmp_path / "two.zarr"
@@ -182,25 +269,44 @@ def test_two_processes_equal_one(clean, source, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_equals_a_clean_run(clean, source, tmp_path):
-    out = tmp_path / "killed.zarr"
+    """Also issue 12 items 2 and 5: a second extract on the store stops at once while the first runs; the
+    killed run's lock does not block the rerun; two images overwritten in a finished chunk are re-extracted."""
+    src, out = tmp_path / "src", tmp_path / "killed.zarr"
+    shutil.copytree(source, src)
     env = os.environ | {TEST_DELAY_ENV: "0.4", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "reglue.cli", "extract", str(source), "--out", str(out), *ARGS],
+    proc = subprocess.Popen([sys.executable, "-m", "reglue.cli", "extract", str(src), "--out", str(out), *ARGS],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     markers = out / "_markers/extract"
     deadline = time.monotonic() + 120
     while not (markers.is_dir() and len([p for p in markers.iterdir() if p.is_dir()]) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, "extract ended before it could be killed"
         time.sleep(0.05)
+    second = CliRunner().invoke(app, ["extract", str(src), "--out", str(out), *ARGS])
+    assert second.exit_code == 1 and f"in use by pid {proc.pid} on " in second.output, second.output
+    assert "delete" in second.output and len(second.output.strip().splitlines()) == 1
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len([p for p in markers.iterdir() if p.is_dir()])
     assert 2 <= done < 6
     with pytest.raises(ValueError, match="incomplete"):
         Cache.open(str(out))
-    summary = extract(config(source, out, num_workers=0))
-    assert summary.complete and summary.written <= 21 - done * CHUNK
-    assert_same_arrays(Cache.open(str(out)), clean)
-    assert verify(str(out)) == []
+    rng = np.random.default_rng(7)  # two images of the finished chunk 0 change in place, same names
+    for name in ("ant/00.png", "ant/02.png"):
+        Image.fromarray(rng.integers(0, 256, (70, 70, 3), dtype=np.uint8)).save(src / name)
+    summary = extract(config(src, out, num_workers=0))
+    assert summary.complete and summary.written <= 21 - (done - 1) * CHUNK
+    got = Cache.open(str(out))
+    assert verify(str(out)) == [] and got.meta.skipped == clean.meta.skipped
+    changed = [0, 2]
+    for name in [*got.meta.dtypes, "paths", "layers_index"]:
+        same = np.ones(len(got.read(name)), bool)
+        same[changed if name != "layers" else [0]] = False  # layers row 0 is sample 0
+        assert got.read(name)[same].tobytes() == clean.read(name)[same].tobytes(), name
+    encoder = FeatureEncoder(EncoderSpec.tiny(RES), "cpu")
+    images = torch.stack([torch.from_numpy(load_image(src / got.source_paths()[i], RES)) for i in changed])
+    want = encoder.encode(images)["cls"]
+    torch.testing.assert_close(torch.from_numpy(got.read("cls")[changed]), want, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(got.read("cls")[changed], clean.read("cls")[changed], atol=1e-3)
 
 
 def test_fill_compressed_equals_extract_with_a_compressor(clean, source, tmp_path):
@@ -223,3 +329,10 @@ def test_fill_compressed_equals_extract_with_a_compressor(clean, source, tmp_pat
     assert not b.read("compressed")[~b.read("valid")].any() and b.read("compressed")[b.valid_indices()].any()
     assert verify(str(filled)) == []
     assert extract(config(source, filled, num_workers=0)).written == 0  # still the same extract config
+
+    flip(filled / "compressed/c/3/0/0/0")  # repair of a filled chunk: by rerunning the fill
+    with pytest.raises(ValueError, match=r"chunk 3 of 'compressed' .* rerun `reglue fill-compressed`"):
+        Cache.open(str(filled)).read("compressed")
+    assert fill_compressed(str(filled), paths["compressor"], paths["norm_stats"], num_workers=0).written == 4
+    assert verify(str(filled)) == []
+    assert Cache.open(str(filled)).read("compressed").tobytes() == b.read("compressed").tobytes()

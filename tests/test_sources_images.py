@@ -7,7 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from reglue.pipeline.sources import BadImage, ImageDataset, center_crop, load_image, scan
+from reglue.pipeline.sources import (
+    BadImage,
+    ImageDataset,
+    center_crop,
+    content_hash,
+    file_stamp,
+    load_image,
+    read_source,
+    scan,
+)
 
 R = 32
 
@@ -93,3 +102,60 @@ def test_dataset_survives_bad_files_in_workers(tmp_path):
     bad = {p: v for p, v in got.items() if p.startswith("cls_b/")}
     assert len(bad) == 3 and all(not k and why and total == 0 for k, why, total in bad.values())
     assert ImageDataset(src, R, indices=[2])[0][0] == 2
+
+
+def bomb_png(path, side=20000):
+    """A valid PNG header claiming side x side pixels (above Pillow's bomb limit) with no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_bombs_missing_files_and_dangling_symlinks_are_skipped_and_named(tmp_path):
+    """Issue 12 item 9: already right, kept so."""
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    bomb_png(folder / "bomb.png")
+    (folder / "dangling.png").symlink_to(tmp_path / "gone.png")
+    Image.fromarray(gradient(40, 30)).save(tmp_path / "real.png")
+    (folder / "linked.png").symlink_to(tmp_path / "real.png")
+    src = scan(folder)
+    assert src.paths == ("bomb.png", "dangling.png", "linked.png")
+    items = {src.paths[i]: item for i, *item in ImageDataset(src, R)}
+    assert not items["bomb.png"][1] and "DecompressionBombError" in items["bomb.png"][2]
+    assert not items["dangling.png"][1] and "FileNotFoundError" in items["dangling.png"][2]
+    assert items["linked.png"][1]  # a symlink to an image is followed
+    listed = tmp_path / "list.txt"
+    listed.write_text("flat/linked.png 0\nflat/nowhere.png 1\n")
+    index, _, ok, reason = ImageDataset(scan(listed), R)[1]
+    assert index == 1 and not ok and "FileNotFoundError" in reason
+
+
+def test_exif_orientation_is_ignored_as_the_reference_does(tmp_path):
+    """edm2 dataset_tools.py opens with PIL and converts to RGB without ImageOps.exif_transpose."""
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(gradient(60, 40)).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    out = load_image(tmp_path / "rotated.jpg", R)
+    raw = Image.open(tmp_path / "rotated.jpg")
+    np.testing.assert_array_equal(out, center_crop(raw.convert("RGB"), R).transpose(2, 0, 1))
+    assert not np.array_equal(out, center_crop(ImageOps.exif_transpose(raw).convert("RGB"), R).transpose(2, 0, 1))
+
+
+def test_stamps_describe_the_bytes_read(tmp_path):
+    Image.fromarray(gradient(40, 30)).save(tmp_path / "a.png")
+    _, stamp = read_source(tmp_path / "a.png")
+    st = (tmp_path / "a.png").stat()
+    assert stamp[:2] == (st.st_size, st.st_mtime_ns) == file_stamp(tmp_path / "a.png")
+    assert stamp[2] == content_hash((tmp_path / "a.png").read_bytes()) and len(stamp[2]) == 16
+    assert file_stamp(tmp_path / "missing.png") == (-1, 0)
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    src = scan(tmp_path)
+    stamps = {src.paths[i]: stamp for i, _, _, _, stamp in ImageDataset(src, R, stamps=True)}
+    assert stamps == {"a.png": stamp, "dangling.png": (-1, 0, "")}

@@ -62,3 +62,13 @@ def test_errors(tmp_path):
     bad.write_text("a.png -2\n")
     with pytest.raises(ValueError, match="bad.txt:1"):
         scan(bad)
+
+
+def test_a_file_list_naming_a_file_twice_is_refused(tmp_path):
+    touch_image(tmp_path / "imgs" / "a.png")
+    touch_image(tmp_path / "imgs" / "b.png")
+    for repeat in ("imgs/a.png 1", "./imgs/a.png", f"{tmp_path / 'imgs' / 'a.png'} 0", "imgs/../imgs/a.png"):
+        lst = tmp_path / "list.txt"
+        lst.write_text(f"imgs/a.png 0\nimgs/b.png 0\n{repeat}\n")
+        with pytest.raises(ValueError, match=r"list.txt:3: .* is the same file as line 1; remove the repeated line"):
+            scan(lst)

@@ -12,6 +12,7 @@ from reglue.pipeline import codec
 from reglue.pipeline.store import (
     Cache,
     CacheMeta,
+    DamagedCache,
     chunks_of_rank,
     decode_patches,
     info,
@@ -170,3 +171,84 @@ def test_a_folder_holding_only_dot_files_is_a_valid_output(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert probe(str(tmp_path / "other")) == "other"
+
+
+# ---- damage never reaches a reader as data (issue 12 items 1, 4, 8b) ------------------------------
+
+def complete_store(tmp_path, **changes) -> tuple[str, dict[str, np.ndarray]]:
+    url = str(tmp_path / "c.zarr")
+    cache = Cache.create_or_resume(url, make_meta(**changes), [str(i) for i in range(10)])
+    full = fill(cache)
+    cache.update_meta(complete=True)
+    return url, full
+
+
+def flip(path, offset=None):
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2 if offset is None else offset  # mid-frame: plain zstd decoded this silently
+    data[offset:offset + 8] = bytes(b ^ 0xFF for b in data[offset:offset + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_open_refuses_a_missing_chunk_file_or_marker_in_one_line(tmp_path):
+    url, _ = complete_store(tmp_path)
+    chunk = tmp_path / "c.zarr/vae_moments/c/1/0/0/0"
+    saved = chunk.read_bytes()
+    os.remove(chunk)
+    with pytest.raises(DamagedCache, match=r"chunk 1 of 'vae_moments' \(samples 4..7\) has no file") as e:
+        Cache.open(url)
+    assert "rerun the same `reglue extract` command to repair" in str(e.value) and "\n" not in str(e.value)
+    assert "DAMAGED: chunk 1 of 'vae_moments'" in info(url)
+    chunk.write_bytes(saved)
+    Cache.open(url)
+    Cache.open(url, allow_incomplete=True).delete_marker("extract", 2)
+    with pytest.raises(DamagedCache, match=r"1 of 3 chunks have no done marker \(extract chunks 2\)"):
+        Cache.open(url)
+    assert "complete, but DAMAGED" in info(url) and "done 2" in info(url)
+
+
+def test_read_refuses_a_vanished_or_undecodable_chunk(tmp_path):
+    url, full = complete_store(tmp_path)
+    cache = Cache.open(url)
+    flip(tmp_path / "c.zarr/cls/c/2/0")
+    with pytest.raises(DamagedCache, match=r"chunk 2 of 'cls' \(samples 8..9\) cannot be decoded .*checksum") as e:
+        cache.read("cls", 0, 10)  # a multi-chunk read names the chunk that fails
+    assert "rerun the same `reglue extract`" in str(e.value) and "\n" not in str(e.value)
+    os.remove(tmp_path / "c.zarr/patches/c/0/0/0")  # vanished after open
+    with pytest.raises(DamagedCache, match=r"chunk 0 of 'patches' \(samples 0..3\) has no file"):
+        cache.read("patches", 1, 3)
+    with pytest.raises(DamagedCache, match=r"row 1 of 'layers' \(sample 3, chunk 0\) has no file"):
+        os.remove(tmp_path / "c.zarr/layers/c/1/0/0")
+        cache.read("layers")
+    np.testing.assert_array_equal(cache.read("vae_moments", 2, 9), full["vae_moments"][2:9])  # the rest reads
+
+
+def test_all_zero_chunks_of_older_stores_still_read(tmp_path):
+    """Stores written before every chunk was stored lack the files of all-zero chunks (zarr's default):
+    their markers say the chunk was zeros, so they are not damage, and verify agrees."""
+    url, full = complete_store(tmp_path)
+    cache = Cache.open(url, mode="r+", allow_incomplete=True)
+    zeros = {n: np.zeros_like(v[slice(*cache.region(n, 1))]) for n, v in full.items()}
+    zeros["valid"][:] = False  # an all-skipped chunk: every array is zeros
+    cache.write_chunk("extract", 1, zeros)
+    for name in zeros:  # what the older writer left: no files
+        for c in range(*cache.region(name, 1)) if name == "layers" else [1]:
+            os.remove(tmp_path / "c.zarr" / cache.chunk_key(name, c))
+    reopened = Cache.open(url)
+    assert not reopened.read("cls", 4, 8).any() and not reopened.read("valid", 4, 8).any()
+    assert reopened.read("layers").shape == (3, 16, 128) and verify(url) == []
+
+
+def test_truncated_metadata_is_one_line_naming_the_file(tmp_path):
+    url, _ = complete_store(tmp_path)
+    for rel in ("vae_moments/zarr.json", "zarr.json"):
+        meta = tmp_path / "c.zarr" / rel
+        meta.write_text(meta.read_text()[:40])
+        with pytest.raises(DamagedCache, match=f"{rel} is damaged \\(not valid JSON") as e:
+            Cache.open(url).read("vae_moments")
+        assert "\n" not in str(e.value)
+    url, _ = complete_store(tmp_path / "markers")
+    marker = tmp_path / "markers/c.zarr/_markers/extract/0000001/zarr.json"
+    marker.write_text(marker.read_text()[:30])
+    assert sorted(Cache.open(url).markers("extract")) == [0, 2]  # a torn marker: chunk 1 is redone
+    assert verify(url) == ["extract chunk 1 (samples 4..7): no done marker"]
