@@ -32,6 +32,13 @@ def _clear_errors():
         raise typer.Exit(1) from None
 
 
+def parse_layers(layers: str | None) -> tuple[int, ...] | None:
+    """`--layers 8,9,10,11` -> (8, 9, 10, 11); None keeps the encoder's default (its last four blocks)."""
+    if layers and not all(n.strip().isdigit() for n in layers.split(",")):
+        raise ValueError(f"--layers {layers!r}: give comma-separated block indices, e.g. 8,9,10,11")
+    return tuple(int(n) for n in layers.split(",")) if layers else None
+
+
 # ---- extract / cache (pipeline) -------------------------------------------------------------
 
 @app.command("extract")
@@ -41,17 +48,22 @@ def extract_command(
     preset: str = typer.Option("real", help=("real: published weights. "
                                              "tiny: seeded random tiny models, NOT for real use.")),
     resolution: int = typer.Option(256, help="Center-crop side in pixels (multiple of 16)."),
-    layers_limit: int = typer.Option(0, help=("Keep DINOv2 layers 8..11 (1.5 MiB/image) for this many evenly "
-                                              "spread images (for `train-compressor --cache`; the default flow "
-                                              "trains it with --src).")),
+    layers_limit: int = typer.Option(0, help=("Keep the compressor layers (DINOv2-B: 8..11, 1.5 MiB/image) for "
+                                              "this many evenly spread images (for `train-compressor --cache`; the "
+                                              "default flow trains it with --src).")),
     compressor: str | None = typer.Option(None, help=("compression_model.pth: "
                                                       "store compressed features for every image.")),
     norm_stats: str | None = typer.Option(None, help="dino_mean_std_*.pth of that compressor."),
     precision: str = typer.Option("auto", help="auto (fp16 on CUDA, else fp32), fp32, bf16 or fp16."),
     vae: str | None = typer.Option(None, help=("VAE: HF id or local diffusers folder "
                                                "(default stabilityai/sd-vae-ft-mse).")),
-    dino: str | None = typer.Option(None, help="DINOv2 timm name (default vit_base_patch14_reg4_dinov2.lvd142m)."),
-    dino_weights: str | None = typer.Option(None, help="Local DINOv2 weights file (hub .pth or timm)."),
+    encoder: str | None = typer.Option(None, "--encoder", "--dino", metavar="TIMM_ID", help=(
+        "Vision encoder, a timm id: DINOv2 (default vit_base_patch14_reg4_dinov2.lvd142m), DINOv3 "
+        "(vit_base_patch16_dinov3.lvd1689m), CLIP (vit_large_patch14_clip_224.openai); docs/encoders.md.")),
+    encoder_weights: str | None = typer.Option(None, "--encoder-weights", "--dino-weights", metavar="FILE", help=(
+        "Local encoder weights file (the original release's or timm's).")),
+    layers: str | None = typer.Option(None, metavar="I,J,...", help=(
+        "0-based encoder blocks for the compressor (default: the last four, 8,9,10,11 for a 12-block ViT).")),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     num_workers: int | None = typer.Option(None, help=("DataLoader processes decoding images (default: this "
                                                        "process's share of the CPU cores - 1, at most 8).")),
@@ -67,8 +79,9 @@ def extract_command(
     from reglue.pipeline.extract import DEFAULT_CHUNK_SIZE, ExtractConfig, extract
 
     with _clear_errors():
-        models = {k: v for k, v in dict(vae=vae, dino=dino, dino_weights=dino_weights).items() if v}
-        spec = EncoderSpec(preset=preset, resolution=resolution, precision=precision, **models)
+        models = {k: v for k, v in dict(vae=vae, encoder=encoder, encoder_weights=encoder_weights).items() if v}
+        spec = EncoderSpec(preset=preset, resolution=resolution, precision=precision, layers=parse_layers(layers),
+                           **models)
         chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size  # 0 is refused, not the default
         extract(ExtractConfig(src, out, spec, layers_limit, compressor, norm_stats, chunk_size, batch_size,
                               num_workers, device, flip))
@@ -124,7 +137,7 @@ def models_command(
 def train_compressor_command(
     out: str = typer.Option(..., help=("Run folder: norm stats, checkpoints, compression_model.pth; rerun the "
                                        "same command to resume.")),
-    src: str | None = typer.Option(None, help=("Images, as for `extract`: DINOv2 runs on every image each step "
+    src: str | None = typer.Option(None, help=("Images, as for `extract`: the encoder runs on every image each step "
                                                "(the reference's recipe).")),
     cache: str | None = typer.Option(None, help=("Or a cache's stored layers rows (extract --layers-limit M): "
                                                  "cheaper, fewer distinct images.")),
@@ -142,10 +155,13 @@ def train_compressor_command(
     channels: int = typer.Option(16, help="Compressed channels (the SiT's feature channels)."),
     preset: str = typer.Option("real", help="--src: real (published DINOv2) or tiny (random weights, tests only)."),
     resolution: int = typer.Option(256, help="--src: center-crop side in pixels."),
-    encoder: str | None = typer.Option(None, help=("--src: DINOv2 timm name "
-                                                   "(default vit_base_patch14_reg4_dinov2.lvd142m).")),
-    dino_weights: str | None = typer.Option(None, help="--src: local DINOv2 weights file (hub .pth or timm)."),
-    precision: str = typer.Option("fp32", help="--src: DINOv2 precision during training (fp32: the reference's)."),
+    encoder: str | None = typer.Option(None, "--encoder", "--dino", metavar="TIMM_ID", help=(
+        "--src: the vision encoder, a timm id, as for `extract` (default vit_base_patch14_reg4_dinov2.lvd142m).")),
+    encoder_weights: str | None = typer.Option(None, "--encoder-weights", "--dino-weights", metavar="FILE", help=(
+        "--src: local encoder weights file (the original release's or timm's).")),
+    layers: str | None = typer.Option(None, metavar="I,J,...", help=(
+        "--src: 0-based encoder blocks (default: the last four, 8,9,10,11 for a 12-block ViT).")),
+    precision: str = typer.Option("fp32", help="--src: encoder precision during training (fp32: the reference's)."),
     num_workers: int = typer.Option(4, help="--src: DataLoader processes decoding images, per process."),
     window: int = typer.Option(4096, help="--cache: loader window in rows (the RAM: ~window/processes rows)."),
     ckpt_every: int = typer.Option(100, help="Steps between checkpoints (and one at the end)."),
@@ -157,8 +173,9 @@ def train_compressor_command(
     from reglue.trainer.compressor_train import CompressorConfig, train_compressor
 
     with _clear_errors():
-        models = {k: v for k, v in dict(dino=encoder, dino_weights=dino_weights).items() if v}
-        spec = EncoderSpec(preset=preset, resolution=resolution, precision=precision, **models)
+        models = {k: v for k, v in dict(encoder=encoder, encoder_weights=encoder_weights).items() if v}
+        spec = EncoderSpec(preset=preset, resolution=resolution, precision=precision, layers=parse_layers(layers),
+                           **models)
         cfg = CompressorConfig(out, src=src, cache=cache, fill=fill, spec=spec, norm_stats=norm_stats,
                                norm_stats_images=norm_stats_images, epochs=epochs, steps_per_epoch=steps_per_epoch,
                                global_batch=global_batch, bn_batch=bn_batch, channels=channels,
@@ -273,7 +290,8 @@ def sample_command(
                                                      "--cfg-vae (u + s(c - u)).")),
     precision: str | None = typer.Option(None, help="Model precision: fp32 (reference parity) or bf16 (autocast)."),
     vae: str = typer.Option("stabilityai/sd-vae-ft-ema", help="Decoder VAE: HF id or local folder."),
-    vae_preset: str = typer.Option("real", help="real, or tiny (random weights, tests only)."),
+    vae_preset: str | None = typer.Option(None, help=("real, or tiny (random weights, tests only); default: "
+                                                      "the preset the model's cache was made with.")),
     png_dir: str = typer.Option(None, help="Also write <png_dir>/<index:06d>.png."),
     grid: int = typer.Option(64, help="Grid image of the first N samples beside the npz (0: none)."),
     part_size: int = typer.Option(1024, help="Samples per resumable part (a multiple of batch-size)."),
@@ -306,7 +324,8 @@ def fid_command(
     precision_recall: bool = typer.Option(True, help="Compute precision/recall (if the reference has images)."),
     batch_size: int = typer.Option(100, help="Images per Inception batch."),
     out: str = typer.Option(None, help="Metrics JSON; default <samples>.metrics.json."),
-    vae_preset: str = typer.Option("real", help="real, or tiny (tests only), when sampling."),
+    vae_preset: str | None = typer.Option(None, help=("real, or tiny (tests only), when sampling; default: "
+                                                      "the preset the model's cache was made with.")),
     cpu: bool = typer.Option(False, help="Run on the CPU."),
 ) -> None:
     """FID (+ sFID, IS, precision/recall) with the ADM protocol; writes a metrics JSON."""
@@ -346,6 +365,24 @@ def fid_ref_command(
                                          batch_size=batch_size, cpu=cpu))
     typer.echo(f"reference statistics: {path}")
 
+
+
+# ---- export (trainer.checkpoints) -----------------------------------------------------------
+
+@app.command("export")
+def export_command(
+    checkpoint: str = typer.Argument(..., help="Snapshot, training checkpoint folder or official checkpoint."),
+    fmt: str = typer.Option(..., "--format", help=("official: the official REGLUE checkpoint layout (model, ema, "
+                                                      "args) for its generate.py; safetensors: EMA weights + JSON "
+                                                      "config for `reglue sample`.")),
+    out: str = typer.Option(..., help="Output file (.pt for official, .safetensors for safetensors)."),
+) -> None:
+    """Share a trained model: in the official code's checkpoint format, or as safetensors + JSON config."""
+    from reglue.trainer.checkpoints import export_model
+
+    with _clear_errors():
+        path, note = export_model(checkpoint, fmt, out)
+    typer.echo(f"exported {path}: {note}")
 
 
 # ---- demo -----------------------------------------------------------------------------------

@@ -102,12 +102,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     train(TrainConfig(cache, str(run), method=cfg.method, model="SiT-tiny/2", max_steps=cfg.steps,
                       global_batch=8, precision="fp32", seed=cfg.seed, log_every=max(1, cfg.steps // 4),
                       ckpt_every=cfg.steps, snapshot_every=cfg.steps, sample_every=0, window=32, trackers=()))
-    snapshot = run / "snapshots" / f"ema-{cfg.steps:07d}.pt"
+    snapshot = run / "snapshots" / f"ema-{cfg.steps:07d}.safetensors"
 
-    say(5, f"reglue sample ({cfg.samples} images, 25-step SDE with the paper's guidance, tiny VAE)")
+    say(5, f"reglue sample ({cfg.samples} images, 25-step SDE with the paper's guidance; the tiny VAE, from the "
+           "snapshot's metadata)")
     sampler = SamplerConfig(num_steps=25)
     samples = generate(GenerateConfig(str(snapshot), str(out / "samples.npz"), num=cfg.samples, batch_size=8,
-                                      seed=cfg.seed, sampler=sampler, vae_preset="tiny", grid=cfg.samples,
+                                      seed=cfg.seed, sampler=sampler, grid=cfg.samples,
                                       part_size=8, cpu=True))
 
     say(6, "reglue fid-ref + reglue fid (a random-weight Inception stands in for the real file)")

@@ -1,4 +1,5 @@
-"""Pretrained weights, one home: the SD-VAE (diffusers) and DINOv2 ViT-B/14 with registers (timm).
+"""Pretrained weights, one home: the SD-VAE (diffusers) and the vision encoder (timm: DINOv2 with or
+without registers, DINOv3, CLIP; default DINOv2 ViT-B/14 with registers, the paper's).
 
 `preset="real"` loads the published weights (HF Hub cache first, then the network unless offline;
 or a local copy). `preset="tiny"` builds the same architectures at tiny width with seeded random
@@ -7,8 +8,13 @@ weights: reproducible, offline, and NOT for real use (tests and the demo only).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+import io
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,10 +22,12 @@ from torch import nn
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 """The encoder the reference caches latents with (edm2 `encoders.py:54`); decoding uses -ema."""
-DEFAULT_DINOV2 = "vit_base_patch14_reg4_dinov2.lvd142m"
+DEFAULT_ENCODER = "vit_base_patch14_reg4_dinov2.lvd142m"
 """timm's copy of torch.hub `dinov2_vitb14_reg` (reference `utils.py:64`)."""
+ENCODER_WEIGHTS_ENV = "REGLUE_ENCODER_WEIGHTS"
+"""Environment variable naming a local encoder weights file (the original release's or timm's)."""
 DINOV2_WEIGHTS_ENV = "REGLUE_DINOV2_WEIGHTS"
-"""Environment variable naming a local DINOv2 weights file (hub `.pth` or timm format)."""
+"""Its former name, still read (after ENCODER_WEIGHTS_ENV)."""
 TINY_SEED = 0
 TINY_LABEL = "tiny preset: seeded random weights, NOT for real use"
 
@@ -109,29 +117,105 @@ def _vae_unavailable(name: str, why: str) -> WeightsUnavailable:
         f"or fill the Hugging Face cache (HF_HOME) with `hf download {name}` on a machine online.")
 
 
-# ---- DINOv2 ----------------------------------------------------------------------------------
+# ---- the vision encoder (DINOv2, DINOv3, CLIP, ... through timm) ------------------------------
 
 
-def build_dinov2(arch: str = "vit_base_patch14_reg4_dinov2", img_size: int = 224, **kw):
-    """A timm DINOv2-with-registers ViT (random weights) at a fixed input size.
+@dataclass(frozen=True)
+class EncoderArch:
+    """What timm says about a vision encoder: its architecture (read from the model built on the meta
+    device, so no weights and no memory) and the preprocessing of its pretrained config."""
 
-    timm's `*_reg4_dinov2` models are `no_embed_class` with 4 register tokens, i.e. the hub
-    `DinoVisionTransformer` with the class slot of the position embedding folded into the CLS token.
-    Fixing `img_size` makes the 37x37 -> grid position-embedding resample happen once at load
-    (bicubic, antialias: `checkpoint_filter_fn`), which is bitwise what the hub model does on every
-    forward (golden `dinov2_layers` notes). `kw` override e.g. embed_dim, depth, num_heads, or
-    weight_init="skip" when a state dict will overwrite every parameter anyway.
-    """
+    name: str
+    """Canonical timm id `architecture.tag` (a bare architecture name resolves to its default tag)."""
+    architecture: str
+    """timm entrypoint, e.g. vit_base_patch16_dinov3."""
+    model_class: str
+    """timm class: VisionTransformer (DINOv2, CLIP) or Eva (DINOv3)."""
+    patch_size: int
+    width: int
+    """Token width D: the [CLS] token, the REPA target, one compressor layer."""
+    depth: int
+    """Number of transformer blocks."""
+    heads: int
+    registers: int
+    """Prefix tokens after the [CLS] token (DINOv2-reg4 and DINOv3: 4), dropped from the patch tokens."""
+    layer_scale: bool
+    """Whether the blocks have LayerScale (the tiny preset sets it to 1.0, as a trained model's is far from 0)."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    """Resize filter of the pretrained config (all supported encoders: bicubic)."""
+    pretrained_size: int
+    """Input side of the pretrained config (DINOv2 518, DINOv3 256, CLIP 224); reglue feeds grid * patch."""
+    hf_hub_id: str | None
+    hf_hub_filename: str
+    url: str | None
+    """The original (non-Hub) weights URL, when timm knows one."""
+    license: str | None
+
+
+@functools.cache
+def encoder_arch(name: str) -> EncoderArch:
+    """Describe the timm encoder `name`; ValueError (naming what works) if timm lacks it or it does
+    not fit reglue's contract: a ViT whose tokens go through a final LayerNorm and start with a [CLS] token."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    examples = "e.g. vit_base_patch14_reg4_dinov2.lvd142m, vit_base_patch16_dinov3.lvd1689m, " \
+               "vit_large_patch14_clip_224.openai (docs/encoders.md lists them)"
+    arch_name = name.split(".", 1)[0]
+    if not timm.is_model(arch_name):
+        raise ValueError(f"encoder {name!r} is not a timm model; {examples}")
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as e:  # an unknown tag
+        raise ValueError(f"encoder {name!r}: {e} Tags: {timm.list_pretrained(arch_name + '.*')}") from None
+    if cfg is None:
+        raise ValueError(f"encoder {name!r} has no pretrained config in timm; {examples}")
+    with torch.device("meta"):
+        model = timm.create_model(arch_name, pretrained=False, num_classes=0)
+    why = (not all(hasattr(model, a) for a in ("blocks", "patch_embed", "forward_intermediates")) and "it is not a ViT"
+           or getattr(model, "cls_token", None) is None and "it has no [CLS] token"
+           or isinstance(getattr(model, "norm", nn.Identity()), nn.Identity) and "its tokens have no final norm"
+           or len(set(model.patch_embed.patch_size)) != 1 and "its patches are not square")
+    if why:
+        raise ValueError(f"encoder {name!r} ({type(model).__name__}) does not fit reglue: {why}; the cache stores "
+                         f"the [CLS] token and patch tokens after the final LayerNorm; {examples}")
+    return EncoderArch(
+        name=f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture, architecture=cfg.architecture,
+        model_class=type(model).__name__, patch_size=model.patch_embed.patch_size[0], width=model.embed_dim,
+        depth=len(model.blocks), heads=model.blocks[0].attn.num_heads, registers=model.num_prefix_tokens - 1,
+        layer_scale=any("gamma" in k for k, _ in model.blocks[0].named_parameters()),
+        mean=tuple(cfg.mean), std=tuple(cfg.std), interpolation=cfg.interpolation,
+        pretrained_size=cfg.input_size[-1], hf_hub_id=cfg.hf_hub_id or None,
+        hf_hub_filename=cfg.hf_hub_filename or "model.safetensors", url=cfg.url or None, license=cfg.license)
+
+
+def build_encoder(name: str = DEFAULT_ENCODER, img_size: int = 224, **kw) -> nn.Module:
+    """The timm model `name` (random weights) at a fixed input size, no head.
+
+    For DINOv2 (`*_reg4_dinov2` is `no_embed_class` with 4 registers: the hub `DinoVisionTransformer`
+    with the class slot of the position embedding folded into the CLS token), fixing `img_size` makes
+    the 37x37 -> grid position-embedding resample happen once at load (bicubic, antialias:
+    `checkpoint_filter_fn`), which is bitwise what the hub model does on every forward (golden
+    `dinov2_layers`). `kw` override e.g. embed_dim, depth, num_heads; weight_init="skip" is dropped
+    for models that have no such option (their init is cheap next to loading)."""
     import timm
 
-    return timm.create_model(arch, pretrained=False, img_size=img_size, num_classes=0, **kw)
+    arch = encoder_arch(name)
+    if arch.model_class != "VisionTransformer":
+        kw.pop("weight_init", None)
+    return timm.create_model(arch.architecture, pretrained=False, img_size=img_size, num_classes=0, **kw)
 
 
-def tiny_dinov2(img_size: int = 224):
-    """ViT/14 with 4 registers, depth 12 (so layers 8..11 exist), width 32, 2 heads, seeded."""
+def tiny_encoder(name: str = DEFAULT_ENCODER, img_size: int = 56) -> nn.Module:
+    """`name`'s architecture (patch, depth, [CLS] and registers, rotary or absolute positions) at
+    width 32 with 2 heads, seeded; LayerScale 1.0 where the model has LayerScale."""
+    arch = encoder_arch(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        return build_dinov2(img_size=img_size, embed_dim=32, depth=12, num_heads=2, init_values=1.0)
+        return build_encoder(name, img_size, embed_dim=32, num_heads=2,
+                             **({"init_values": 1.0} if arch.layer_scale else {}))
 
 
 def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -146,59 +230,84 @@ def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_dinov2_hub_state(state: str | Path | dict, model: nn.Module) -> nn.Module:
-    """Load an official torch.hub DINOv2 state dict (or a timm-format one) into a timm ViT, strictly.
+def load_encoder_state(state: str | Path | dict, model: nn.Module, name: str | None = None) -> nn.Module:
+    """Load an original-format (torch.hub DINOv2 / DINOv3, OpenAI CLIP) or timm-format state dict into a
+    timm encoder, strictly, through timm's own converter for the model's class (`checkpoint_filter_fn`:
+    e.g. for DINOv2 it drops `mask_token`, renames `register_tokens`, folds the class slot of `pos_embed`
+    into `cls_token` and resamples `pos_embed` to the model's grid).
 
-    timm's `checkpoint_filter_fn` converts the hub layout (drops `mask_token`, `register_tokens` ->
-    `reg_token`, `cls_token += pos_embed[:, 0]`) and resamples `pos_embed` to the model's grid.
-    """
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
+    A file of another architecture is refused with one line naming what does not fit."""
+    source = "the state dict" if isinstance(state, dict) else str(state)
     if not isinstance(state, dict):
         state = read_state_file(state)
-    model.load_state_dict(checkpoint_filter_fn(dict(state), model), strict=True)
+    name = name or getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    try:  # (quiet: timm's DINOv3 converter prints a line per block when it drops the release's all-zero qkv bias)
+        with contextlib.redirect_stdout(io.StringIO()):
+            state = importlib.import_module(type(model).__module__).checkpoint_filter_fn(dict(state), model)
+    except (KeyError, RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(f"{source} is not a {name} weights file (timm's converter failed: "
+                         f"{type(e).__name__}: {e}); pass the file of that encoder") from None
+    for key in ("head.weight", "head.bias"):  # a classifier / projection head: reglue reads tokens only
+        state.pop(key, None)
+    wanted = model.state_dict()
+    missing, unexpected = sorted(wanted.keys() - state.keys()), sorted(state.keys() - wanted.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(wanted[k].shape)}" for k in wanted.keys() & state.keys()
+              if state[k].shape != wanted[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source} does not hold {name} weights: {len(missing)} missing keys {missing[:2]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:2]}, {len(shapes)} of another shape "
+                         f"{sorted(shapes)[:2]}; pass the weights file of {name}, or the --encoder it belongs to")
+    model.load_state_dict(state, strict=True)
     return model
 
 
-def load_dinov2(name: str = DEFAULT_DINOV2, preset: str = "real", img_size: int = 224,
-                weights: str | Path | None = None):
-    """timm DINOv2 ViT at input size `img_size`, eval, fp32, matching torch.hub `dinov2_vitb14_reg`.
+def load_encoder(name: str = DEFAULT_ENCODER, preset: str = "real", img_size: int = 224,
+                 weights: str | Path | None = None) -> nn.Module:
+    """The timm encoder `name` at input size `img_size`, eval, fp32, with its published weights
+    (`preset="real"`) or the seeded tiny preset.
 
-    Weights, first found: `weights` (a local file), `$REGLUE_DINOV2_WEIGHTS`, the HF Hub
-    (`timm/<name>`, cache first, then the network unless HF_HUB_OFFLINE is set).
-    """
+    Weights, first found: `weights` (a local file), `$REGLUE_ENCODER_WEIGHTS` (or the older
+    `$REGLUE_DINOV2_WEIGHTS`), the HF Hub (`timm/<name>`, cache first, then the network unless
+    HF_HUB_OFFLINE is set)."""
+    arch = encoder_arch(name)
     if preset == "tiny":
-        return _tag(tiny_dinov2(img_size), name=name, preset=preset, source=TINY_LABEL, revision=None)
+        return _tag(tiny_encoder(name, img_size), name=arch.name, preset=preset, source=TINY_LABEL, revision=None)
     if preset != "real":
         raise ValueError(f"unknown weights preset {preset!r}: use 'real' or 'tiny'")
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None or not cfg.hf_hub_id:
-        raise ValueError(f"{name!r} is not a timm model with pretrained weights "
-                         f"(the default is {DEFAULT_DINOV2!r})")
-    local = weights or os.environ.get(DINOV2_WEIGHTS_ENV)
-    path = local or _hub_file(cfg.hf_hub_id, cfg.url, name)
-    model = load_dinov2_hub_state(path, build_dinov2(cfg.architecture, img_size, weight_init="skip"))
-    source = str(Path(local).resolve()) if local else f"https://huggingface.co/{cfg.hf_hub_id}"
-    return _tag(model, name=name, preset=preset, source=source, revision=None if local else _revision(path))
+    local = weights or os.environ.get(ENCODER_WEIGHTS_ENV) or os.environ.get(DINOV2_WEIGHTS_ENV)
+    path = local or _hub_file(arch)
+    model = load_encoder_state(path, build_encoder(arch.name, img_size, weight_init="skip"), arch.name)
+    source = str(Path(local).resolve()) if local else f"https://huggingface.co/{arch.hf_hub_id}"
+    return _tag(model, name=arch.name, preset=preset, source=source, revision=None if local else _revision(path))
 
 
-def _hub_file(repo: str, url: str, name: str) -> str:
+def _hub_file(arch: EncoderArch) -> str:
     from huggingface_hub import hf_hub_download
 
+    if not arch.hf_hub_id:
+        raise WeightsUnavailable(f"encoder weights {arch.name!r} are not on the Hugging Face Hub (timm lists "
+                                 f"{arch.url or 'no URL'}): pass a local file with --encoder-weights FILE or "
+                                 f"{ENCODER_WEIGHTS_ENV}=FILE")
+    repo, filename = arch.hf_hub_id, arch.hf_hub_filename
     try:
-        return hf_hub_download(repo, "model.safetensors", local_files_only=True)
+        return hf_hub_download(repo, filename, local_files_only=True)
     except OSError:
         why = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
         if not _offline():
             try:
-                return hf_hub_download(repo, "model.safetensors")
+                return hf_hub_download(repo, filename)
             except OSError as e:
                 why = str(e)
+    original = f", or the original file {arch.url}" if arch.url else ""
     raise WeightsUnavailable(
-        f"DINOv2 weights {name!r} (Hugging Face Hub {repo}, or the official torch.hub file {url}) "
-        f"are unavailable: {why}. Offline, point at a local copy: set {DINOV2_WEIGHTS_ENV}=/path/to/"
-        f"dinov2_vitb14_reg4_pretrain.pth (the torch.hub file) or /path/to/model.safetensors (the "
-        f"timm file), pass it as the DINOv2 weights option, or fill the Hugging Face cache (HF_HOME) "
+        f"encoder weights {arch.name!r} (Hugging Face Hub {repo}{original}) are unavailable: {why}. Offline, "
+        f"point at a local copy: pass --encoder-weights /path/to/{filename} (the timm file) or the original "
+        f"release's file, or set {ENCODER_WEIGHTS_ENV}=/path/to/file, or fill the Hugging Face cache (HF_HOME) "
         f"with `hf download {repo}` on a machine online.")
+
+
+# Former names of the functions above (the encoder used to be DINOv2-B only), for code written against them.
+DEFAULT_DINOV2 = DEFAULT_ENCODER
+build_dinov2 = build_encoder
+load_dinov2 = load_encoder
+load_dinov2_hub_state = load_encoder_state

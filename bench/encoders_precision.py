@@ -25,7 +25,7 @@ def full_size_models(img_size: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         vae = weights.build_vae()
-        dino = weights.build_dinov2(img_size=img_size, init_values=1.0)
+        dino = weights.build_encoder(img_size=img_size, init_values=1.0)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():  # as the golden full-size check: N(0, 0.02^2) on every parameter
             for p in dino.parameters():
@@ -53,7 +53,7 @@ def run(label: str, spec: EncoderSpec, device: str, batch: int, models=None):
     images = F.avg_pool2d(images.float(), 5, 1, 2).round().to(torch.uint8)
     results = {}
     for precision in ("fp32", "bf16", "fp16"):
-        enc = FeatureEncoder(EncoderSpec(**{**spec.__dict__, "precision": precision}), device, vae=vae, dino=dino)
+        enc = FeatureEncoder(EncoderSpec(**{**spec.__dict__, "precision": precision}), device, vae=vae, vfm=dino)
         t0 = time.perf_counter()
         results[precision] = {k: v.cpu() for k, v in enc.encode(images, with_layers=True).items()}
         print(f"{label}: {precision} forward {time.perf_counter() - t0:.1f} s")
@@ -72,7 +72,7 @@ def main():
     run("tiny (64 px)", EncoderSpec.tiny(), args.device, args.batch)
     if args.full:
         spec = EncoderSpec(preset="tiny", resolution=256)  # models passed in; preset unused
-        run("full-size random (256 px)", spec, args.device, args.batch, full_size_models(spec.dino_size))
+        run("full-size random (256 px)", spec, args.device, args.batch, full_size_models(spec.input_size))
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ def build_encoder(args, device) -> FeatureEncoder:
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         sample_size=256).eval()
-    dino = weights.build_dinov2(img_size=spec.dino_size).eval()
-    return FeatureEncoder(spec, device, vae=vae, dino=dino)
+    vfm = weights.build_encoder(spec.encoder, img_size=spec.input_size).eval()
+    return FeatureEncoder(spec, device, vae=vae, vfm=vfm)
 
 
 def timed(fn, device) -> float:

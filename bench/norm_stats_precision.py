@@ -47,7 +47,7 @@ def full_size_dino(img_size: int):
     from reglue import weights
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        dino = weights.build_dinov2(img_size=img_size, init_values=1.0)
+        dino = weights.build_encoder(img_size=img_size, init_values=1.0)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for p in dino.parameters():
@@ -70,10 +70,10 @@ def main():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.images, 3, 256, 256), generator=g, dtype=torch.uint8)
     images = F.avg_pool2d(images.float(), 5, 1, 2).round().to(torch.uint8)  # smoother than white noise
-    dino = full_size_dino(EncoderSpec().dino_size)
+    dino = full_size_dino(EncoderSpec().input_size)
     layers = {}
     for precision in ("fp32", "fp16"):
-        enc = FeatureEncoder(EncoderSpec(preset="tiny", precision=precision), args.device, dino=dino, with_vae=False)
+        enc = FeatureEncoder(EncoderSpec(preset="tiny", precision=precision), args.device, vfm=dino, with_vae=False)
         t0 = time.perf_counter()
         layers[precision] = torch.cat([enc.layers(b).cpu() for b in images.split(args.batch)])  # [n, 256, 3072]
         print(f"<!-- {precision} forward of {args.images} images: {time.perf_counter() - t0:.1f} s -->", flush=True)

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from reglue import weights
 from reglue.pipeline.compressor import EncoderDecoder, NormStats, compress
-from reglue.pipeline.encoders import preprocess_dino
+from reglue.pipeline.encoders import EncoderSpec, preprocess_encoder
 from reglue.trainer.data import CacheLoader, prepare_batch, required_arrays
 from reglue.trainer.draws import Draws
 from reglue.trainer.ema import EMA
@@ -43,8 +43,9 @@ LAYERS = [8, 9, 10, 11]
 
 def online_features(dims: dict, device: torch.device, images: torch.Tensor):
     """make_batch for the online feed: DINOv2 + compressor on the images, as reference train.py:303-341."""
-    dino_size = 224 * dims["resolution"] // 256
-    dino = (weights.tiny_dinov2(img_size=dino_size) if dims is TINY else weights.build_dinov2(img_size=dino_size))
+    spec = EncoderSpec(resolution=dims["resolution"])  # the default encoder, DINOv2 ViT-B/14-reg (random weights)
+    dino = (weights.tiny_encoder(img_size=spec.input_size) if dims is TINY
+            else weights.build_encoder(img_size=spec.input_size))
     dino = dino.to(device).eval().requires_grad_(False)
     C = len(LAYERS) * dims["dino_dim"]
     encoder = EncoderDecoder([C, 256, dims["compressed_channels"]]).encoder.to(device).eval().requires_grad_(False)
@@ -53,7 +54,7 @@ def online_features(dims: dict, device: torch.device, images: torch.Tensor):
 
     @torch.no_grad()
     def make_batch(raw: dict, draws: Draws) -> Batch:
-        x = preprocess_dino(images[raw["index"].to(device) % len(images)], dino_size)  # [B,3,224,224]
+        x = preprocess_encoder(images[raw["index"].to(device) % len(images)], spec)  # [B,3,224,224]
         outs = dino.get_intermediate_layers(x, n=LAYERS, reshape=False, return_prefix_tokens=True, norm=True)
         patches, prefix = outs[-1]
         cls = prefix[:, 0].float()

@@ -7,13 +7,20 @@ the official `compression_model.pth` (a DDP state dict, every key prefixed `modu
 
 Files are read with `torch.load(weights_only=True)`: tensors, containers and primitives only, plus
 the few numpy globals a norm-stats file needs. Nothing else in a pickle is ever executed.
+
+Both files are tied to the encoder features they were made from (model, layers, width, grid):
+reglue records that in them where the official readers never look (the norm stats' extra key
+`encoder`; the compressor state dict's `_metadata`), and `check_made_for` refuses a file of another
+encoder. Files without a record are taken as the official ones, made from DINOv2-B with registers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import pickle
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from reglue.weights import DEFAULT_ENCODER
 
 HF_REPO = "https://huggingface.co/giorgospets/reglue"  # the official compressor and SiT-XL/2 (README:69,128)
 
@@ -46,6 +55,11 @@ def safe_load(path: str | os.PathLike, allowed: Sequence[Any] = (), *, mmap: boo
             f"refused to load {path}: its pickle needs a global outside the allow-list "
             f"{[getattr(g, '__qualname__', g) for g in allowed]}, and unpickling it could run arbitrary "
             f"code. If you trust the file, re-save its tensors as a plain state dict. Details: {e}") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -119,19 +133,49 @@ def compressor_channels(state: dict[str, torch.Tensor]) -> list[int]:
 def load_compressor(path: str | os.PathLike) -> EncoderDecoder:
     """The official `compression_model.pth` (or ours, same format) as an eval-mode EncoderDecoder.
 
-    Accepts keys with or without the DDP `module.` prefix; channels are inferred from the shapes."""
+    Accepts keys with or without the DDP `module.` prefix; channels are inferred from the shapes. The
+    record `save_compressor` wrote (or None) is `model.reglue_record`."""
     state = safe_load(path, hint=f"Download compression_model.pth from {HF_REPO} or train one "
                                  "with `reglue train-compressor`.")
+    record = getattr(state, "_metadata", {}).get("", {}).get("reglue")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model = EncoderDecoder(compressor_channels(state))
     model.load_state_dict(state, strict=True)
+    model.reglue_record = record
     return model.eval()
 
 
-def save_compressor(path: str | os.PathLike, model: EncoderDecoder) -> None:
-    """Write the official format: a plain state dict whose keys carry DDP's `module.` prefix."""
-    state = {f"module.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+def save_compressor(path: str | os.PathLike, model: EncoderDecoder, record: dict | None = None) -> None:
+    """Write the official format: a plain state dict whose keys carry DDP's `module.` prefix.
+
+    `record` (what the compressor was made from: `{"encoder": CacheMeta.encoder_key(), "norm_stats": sha256}`)
+    goes into the state dict's `_metadata`, which torch keeps through save/load and which the official
+    loader (train.py:98-114, a strict `load_state_dict` of a copied dict) never sees."""
+    state = OrderedDict((f"module.{k}", v.detach().cpu()) for k, v in model.state_dict().items())
+    if record is not None:
+        state._metadata = {"": {"reglue": record}}
     atomic_save(state, path)
+
+
+def check_made_for(path: str | os.PathLike, recorded: dict | None, key: dict, where: str) -> None:
+    """Refuse norm stats or a compressor made from other features than those at `where` (a cache URL, or
+    `--src DIR through --encoder X`) whose key is `key` (store.make_encoder_key), in one line naming both."""
+    if recorded == key or (recorded is None and key["encoder"] == DEFAULT_ENCODER):
+        return
+    fix = "use files made from these features (`reglue train-compressor`)"
+    if recorded is None:
+        raise ValueError(f"{path} records no encoder, as the official files (made from {DEFAULT_ENCODER}, i.e. "
+                         f"dinov2_vitb14_reg) do, but {where} gives features of {describe_key(key)}: {fix}")
+    raise ValueError(f"{path} was made from features of {describe_key(recorded)}, but {where} gives features of "
+                     f"{describe_key(key)}: {fix}")
+
+
+def describe_key(key: dict) -> str:
+    """`encoder (preset, layers a..b, width D, grid g)` for one-line errors."""
+    layers = key.get("layers") or [0]
+    span = f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else layers
+    return (f"{key.get('encoder')} ({key.get('preset')}, layers {span}, width {key.get('width')}, "
+            f"grid {key.get('grid')})")
 
 
 # ---- norm stats (reference calc_norm_stats.py, train.py:333) --------------------------------
@@ -149,6 +193,8 @@ class NormStats:
     """(C,) float32, C = len(layers) * dino_dim, channel order [L8 | L9 | L10 | L11]."""
     std: torch.Tensor
     """(C,) float32, strictly positive."""
+    encoder: dict | None = None
+    """What they were computed from (CacheMeta.encoder_key()); None in the official files."""
 
     def __post_init__(self):
         for name in ("mean", "std"):
@@ -168,13 +214,15 @@ def load_norm_stats(path: str | os.PathLike) -> NormStats:
                   "norm_stats/dino_mean_std_8_9_10_11_256.pth in the giorgospets/reglue repository.")
     if not isinstance(d, dict) or not {"mean", "std"} <= d.keys():
         raise ValueError(f"{path} is not a norm-stats file (expected a dict with 'mean' and 'std')")
-    return NormStats(d["mean"], d["std"])
+    return NormStats(d["mean"], d["std"], d.get("encoder"))
 
 
-def save_norm_stats(path: str | os.PathLike, mean: Any, std: Any) -> None:
-    """Write the official format: `{'mean', 'std'}` float32 numpy arrays in a torch zip file."""
+def save_norm_stats(path: str | os.PathLike, mean: Any, std: Any, encoder: dict | None = None) -> None:
+    """Write the official format: `{'mean', 'std'}` float32 numpy arrays in a torch zip file, plus the
+    `encoder` they were computed from (CacheMeta.encoder_key(); the official reader only takes mean and std)."""
     stats = NormStats(mean, std)
-    atomic_save({"mean": stats.mean.numpy(), "std": stats.std.numpy()}, path)
+    atomic_save({"mean": stats.mean.numpy(), "std": stats.std.numpy(), **({"encoder": encoder} if encoder else {})},
+                path)
 
 
 def compressor_files(compressor: str | os.PathLike, norm_stats: str | os.PathLike | None) -> tuple[Path, Path]:

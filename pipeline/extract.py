@@ -1,11 +1,12 @@
 """`reglue extract`: an image source -> a feature cache (layout and markers: pipeline/store.py).
 
 Per image, as the reference computes it online (reference-implementation.md §1-2): ADM center
-crop, SD-VAE posterior mean and std, DINOv2 last-layer CLS and patch tokens (the REPA target,
-token-encoded by pipeline/codec.py); for `layers_limit` evenly spread samples the normed layers
-8..11; given a compressor and its norm stats, the compressed features of every image; with `flip`,
-also the VAE posterior of the mirrored crop (SiT flips the crop, train.py:184-186; LightningDiT
-caches both views), so that a flipping recipe samples a fresh posterior of either view every step.
+crop, SD-VAE posterior mean and std, the vision encoder's (default DINOv2-B with registers) last-layer
+CLS and patch tokens (the REPA target, token-encoded by pipeline/codec.py); for `layers_limit` evenly
+spread samples the normed compressor layers (8..11 for ViT-B); given a compressor and its norm stats,
+the compressed features of every image; with `flip`, also the VAE posterior of the mirrored crop (SiT
+flips the crop, train.py:184-186; LightningDiT caches both views), so that a flipping recipe samples a
+fresh posterior of either view every step.
 
 How a run is organised (docs/extract.md):
 - The unit of work is a chunk of C samples. Process r of W (accelerate launch / torchrun) owns the
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import os
 import queue
 import threading
@@ -46,7 +46,14 @@ from tqdm.auto import tqdm
 
 from reglue.lock import Lock
 from reglue.pipeline import codec
-from reglue.pipeline.compressor import NormStats, compress, load_compressor, load_norm_stats
+from reglue.pipeline.compressor import (
+    NormStats,
+    check_made_for,
+    compress,
+    file_sha256,
+    load_compressor,
+    load_norm_stats,
+)
 from reglue.pipeline.encoders import EncoderSpec, FeatureEncoder
 from reglue.pipeline.sources import BadImage, ImageDataset, SourceList, file_stamp, read_source, scan
 from reglue.pipeline.store import (
@@ -153,14 +160,24 @@ class Compressor:
     provenance: dict
 
     @classmethod
-    def load(cls, path: str, norm_stats: str, in_channels: int, stage: str) -> Compressor:
+    def load(cls, path: str, norm_stats: str, meta: CacheMeta, url: str, stage: str) -> Compressor:
+        """The pair for the features of the cache `url` with metadata `meta`: refused (one line) when either
+        file was made from another encoder's features, or the compressor with other norm stats."""
         model, stats = load_compressor(path), load_norm_stats(norm_stats)
+        key, in_channels = meta.encoder_key(), len(meta.layers) * meta.dino_dim
+        check_made_for(norm_stats, stats.encoder, key, url)
+        check_made_for(path, (model.reglue_record or {}).get("encoder"), key, url)
         channels = model.build_channel_list
         if channels[0] != in_channels or stats.mean.numel() != in_channels:
             raise ValueError(f"compressor {path} takes {channels[0]} channels and norm stats {norm_stats} have "
-                             f"{stats.mean.numel()}; the cache's layers have {in_channels} (len(layers) x dino_dim)")
+                             f"{stats.mean.numel()}; the cache's layers have {in_channels} (len(layers) x width)")
         provenance = {"stage": stage, "file": Path(path).name, "sha256": file_sha256(path), "channels": channels,
                       "norm_stats": {"file": Path(norm_stats).name, "sha256": file_sha256(norm_stats)}}
+        paired = (model.reglue_record or {}).get("norm_stats")
+        if paired and paired != provenance["norm_stats"]["sha256"]:
+            raise ValueError(f"compressor {path} was trained with other norm stats than {norm_stats} (sha256 "
+                             f"{paired[:12]}..., this file {provenance['norm_stats']['sha256'][:12]}...): pass the "
+                             "dino_mean_std_*.pth written beside it")
         return cls(model.encoder, stats, provenance)
 
     @torch.no_grad()
@@ -173,11 +190,6 @@ class Compressor:
 
     def same_as(self, other: dict | None) -> bool:
         return bool(other) and all(other[k] == self.provenance[k] for k in ("sha256", "channels", "norm_stats"))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ---- planning --------------------------------------------------------------------------------
@@ -198,7 +210,7 @@ def plan_meta(cfg: ExtractConfig, sources: SourceList, encoder: FeatureEncoder,
               comp: Compressor | None) -> CacheMeta:
     """The store's metadata, every dimension taken from the encoders."""
     e = encoder.meta()
-    q, scale = codec.encode_tokens(torch.zeros(1, e["num_patches"], e["dino_dim"]))
+    q, scale = codec.encode_tokens(torch.zeros(1, e["num_patches"], e["width"]))
     dtypes = {"vae_moments": "float16", "cls": "float32", "patches": str(q.dtype).removeprefix("torch."),
               "patches_scale": str(scale.dtype).removeprefix("torch."), "labels": "int64", "valid": "bool"}
     if cfg.flip:
@@ -211,7 +223,7 @@ def plan_meta(cfg: ExtractConfig, sources: SourceList, encoder: FeatureEncoder,
     return CacheMeta(
         num_samples=len(sources), chunk_size=cfg.chunk_size, resolution=e["resolution"],
         latent_channels=e["latent_channels"], latent_size=e["latent_size"],
-        vae_scaling_factor=e["vae_scaling_factor"], dino_dim=e["dino_dim"], num_patches=e["num_patches"],
+        vae_scaling_factor=e["vae_scaling_factor"], dino_dim=e["width"], num_patches=e["num_patches"],
         grid=e["grid"], layers=tuple(e["layers"]), layers_count=layers_count,
         num_classes=sources.num_classes, class_names=sources.class_names,
         encoders=e | {"spec": dataclasses.asdict(cfg.spec)}, patches_encoding=codec.ENCODING, dtypes=dtypes,
@@ -466,7 +478,8 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         encoder = FeatureEncoder(cfg.spec, device)
         comp = None
         if cfg.compressor:
-            comp = Compressor.load(cfg.compressor, cfg.norm_stats, len(cfg.spec.layers) * encoder.dino_dim, "extract")
+            comp = Compressor.load(cfg.compressor, cfg.norm_stats, plan_meta(cfg, sources, encoder, None), cfg.out,
+                                   "extract")
         cache = open_store(cfg.out, plan_meta(cfg, sources, encoder, comp), list(sources.paths), state)
         pending = owned_pending(cache, "extract", state, sources)
         written = extract_chunks(cache, pending, sources, encoder, comp, cfg, state)
@@ -502,7 +515,7 @@ def fill_compressed(cache_url: str, compressor: str, norm_stats: str, *, src: st
         cache.require_complete()
         cache.require_intact(["extract"])  # the inputs; `compressed` chunks are verified below
         m = cache.meta
-        comp = Compressor.load(compressor, norm_stats, len(m.layers) * m.dino_dim, "fill")
+        comp = Compressor.load(compressor, norm_stats, m, cache_url, "fill")
         if m.compressed_channels and not comp.same_as(m.compressor):
             raise ValueError(f"{cache_url} already holds compressed features from {m.compressor}; "
                              "extract a new cache for another compressor")
@@ -538,8 +551,8 @@ def fill_chunks(cache: Cache, chunks: list[int], comp: Compressor, src: str | No
         needed[k] = ids[valid[start:stop] & ~np.isin(ids, layer_index[slice(*cache.layer_rows(k))])]
     encoder = None
     if any(len(v) for v in needed.values()):
-        # DINOv2 only, at the cache's own precision: the VAE moments are already stored, never recomputed.
-        spec = EncoderSpec(**m.encoders["spec"])
+        # The encoder only, at the cache's own precision: the VAE moments are already stored, never recomputed.
+        spec = EncoderSpec.from_dict(m.encoders["spec"])
         encoder = FeatureEncoder(dataclasses.replace(spec, precision=m.encoders["precision"]), device,
                                  with_vae=False)
     shape = (comp.provenance["channels"][-1], m.grid, m.grid)

@@ -45,6 +45,7 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import WrapperStore
 
 from reglue.pipeline import codec
+from reglue.pipeline.compressor import describe_key
 
 FORMAT_VERSION = 1
 ATTR = "reglue"
@@ -81,13 +82,13 @@ class CacheMeta:
     vae_scaling_factor: float
     """Multiply a posterior sample by this before the SiT sees it (0.18215, reference train.py:184)."""
     dino_dim: int
-    """D: DINOv2 token width."""
+    """D: the vision encoder's token width (768 for DINOv2-B, the reference's; `encoders["encoder"]` names it)."""
     num_patches: int
     """P: patch tokens per image (grid**2)."""
     grid: int
-    """g: DINOv2 patch grid side."""
+    """g: the encoder's patch grid side (resolution / 16)."""
     layers: tuple[int, ...]
-    """Block indices of the multi-layer features (8, 9, 10, 11 for ViT-B)."""
+    """Block indices of the multi-layer features (the encoder's last four by default: 8..11 for ViT-B)."""
     layers_count: int
     """M: samples that keep the multi-layer features (`layers` rows); 0 = none."""
     num_classes: int
@@ -95,7 +96,8 @@ class CacheMeta:
     class_names: tuple[str, ...]
     """Class folder names in label order."""
     encoders: dict
-    """The FeatureEncoder's `meta()` plus its EncoderSpec: model ids, revisions, preprocessing, precision."""
+    """The FeatureEncoder's `meta()` plus its EncoderSpec: model ids, revisions, the encoder's architecture and
+    preprocessing, precision. (Caches of reglue before the encoder was a choice name it under "dino".)"""
     patches_encoding: str
     """Name of the token encoding of `patches`/`patches_scale` (pipeline/codec.py)."""
     dtypes: dict
@@ -129,6 +131,33 @@ class CacheMeta:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, as stored
 
+    @property
+    def encoder(self) -> dict:
+        """The vision encoder's record: name, preset, source, revision, architecture (`encoders["encoder"]`)."""
+        return encoder_record(self.encoders)
+
+    @property
+    def encoder_depth(self) -> int:
+        """The encoder's number of blocks (its last one gives the [CLS] token and the REPA target)."""
+        return self.encoder.get("depth") or self.encoders.get("dino_depth") or self.layers[-1] + 1
+
+    def encoder_key(self) -> dict:
+        """What norm stats and a compressor must have been made from to be used on this cache's features."""
+        return make_encoder_key(self.encoder.get("name"), self.encoders.get("preset"), self.layers, self.dino_dim,
+                                self.grid)
+
+    def describe_encoder(self) -> str:
+        """One line for `reglue cache info`: the encoder, its weights, tokens, layers and preprocessing."""
+        e, pre = self.encoder, self.encoders.get("preprocessing", {}).get("encoder")
+        tokens = (f"{e['class']} /{e['patch_size']}, depth {e['depth']}, [CLS] + {e['registers']} registers, "
+                  if "class" in e else "")
+        resize = (pre or {}).get("resize")
+        prep = ("" if pre is None else f"; input x/255, mean {pre['mean']} std {pre['std']}, "
+                + (f"{resize['mode']} resize to {resize['size']} (no antialias)" if resize else "no resize"))
+        return (f"encoder {e.get('name')} ({self.encoders.get('preset')} weights from {e.get('source')}, revision "
+                f"{e.get('revision')}): {tokens}width {self.dino_dim}, grid {self.grid}x{self.grid}, "
+                f"layers {list(self.layers)}{prep}")
+
     def identity(self) -> dict:
         """The fields that decide what `extract` stores: a rerun may resume a store only if they match.
 
@@ -139,6 +168,18 @@ class CacheMeta:
         keep = ("format_version", "num_samples", "chunk_size", "resolution", "layers", "layers_count",
                 "encoders", "patches_encoding", "dtypes", "compressor")
         return {k: d[k] for k in keep} | {"source": d["source"]["sha256"]}
+
+
+def make_encoder_key(name: str | None, preset: str | None, layers, width: int, grid: int) -> dict:
+    """The identity of a set of encoder features: encoder id, weights preset, layers, width and grid. Norm
+    stats and a compressor record the key of the features they were made from (pipeline.compressor)."""
+    return {"encoder": name, "preset": preset, "layers": list(layers), "width": width, "grid": grid}
+
+
+def encoder_record(encoders: dict) -> dict:
+    """The vision encoder's record in a cache's `encoders` metadata (stores of reglue before the encoder was
+    a choice name it "dino")."""
+    return encoders.get("encoder") or encoders.get("dino") or {}
 
 
 def digest(obj: Any) -> str:
@@ -318,6 +359,10 @@ class Cache:
         if state == "cache":
             cache = cls.open(url, mode="r+", allow_incomplete=True)
             stored, wanted = cache.meta.identity(), meta.identity()
+            if cache.meta.encoder_key() != meta.encoder_key():
+                raise ValueError(f"{url} holds features of encoder {describe_key(cache.meta.encoder_key())}; this run "
+                                 f"asks for {describe_key(meta.encoder_key())}. A store holds one encoder: nothing "
+                                 "was changed; choose another --out for the new encoder")
             if stored != wanted:
                 raise ValueError(f"{url} holds a cache made with a different config; nothing was changed. "
                                  f"Differences: {describe_difference(stored, wanted)}. Rerun with the store's "
@@ -748,11 +793,11 @@ def info(url: str) -> str:
     total = sum(sizes.values())
     lines.append(f"{'total':<89}{total:>12,}{total / max(N, 1):>11,.0f}")
     enc = m.encoders
-    lines += [f"resolution {m.resolution}, latent {m.latent_channels}x{m.latent_size}x{m.latent_size} "
-              f"(scale {m.vae_scaling_factor}), dino D={m.dino_dim} P={m.num_patches} (grid {m.grid}), "
+    lines += [m.describe_encoder(),
+              f"resolution {m.resolution}, latent {m.latent_channels}x{m.latent_size}x{m.latent_size} "
+              f"(scale {m.vae_scaling_factor}), encoder D={m.dino_dim} P={m.num_patches} (grid {m.grid}), "
               f"layers {list(m.layers)} kept for {m.layers_count} samples, compressed channels {m.compressed_channels}",
-              f"encoders: "
-              f"{json.dumps({k: enc[k] for k in sorted(enc) if k in ('preset', 'vae', 'dino', 'precision')})}",
+              f"encoders: {json.dumps({k: enc[k] for k in sorted(enc) if k in ('preset', 'vae', 'precision')})}",
               f"patches encoding {m.patches_encoding}; classes {m.num_classes}; source {m.source.get('root')} "
               f"({m.source.get('kind')}, {m.source.get('count')} files)"]
     if m.compressor:

@@ -9,7 +9,7 @@ from golden import Case, make_input, runner
 from PIL import Image
 
 from reglue import weights
-from reglue.pipeline.encoders import EncoderSpec, FeatureEncoder, preprocess_dino
+from reglue.pipeline.encoders import EncoderSpec, FeatureEncoder, preprocess_encoder
 from reglue.pipeline.sources import center_crop
 
 # hub DinoVisionTransformer kwarg -> timm VisionTransformer kwarg (same meaning)
@@ -50,8 +50,8 @@ def _golden_dinov2(case: Case, spec: EncoderSpec) -> torch.nn.Module:
     # (utils.py:64; hub backbones.py: antialiased pos-embed resampling, no offset, MLP FFN)
     assert kw["interpolate_antialias"] and kw["interpolate_offset"] == 0.0 and kw["ffn_layer"] == "mlp", kw
     dims = {HUB_TO_TIMM[k]: v for k, v in kw.items() if k in HUB_TO_TIMM}
-    model = weights.build_dinov2(img_size=spec.dino_size, weight_init="skip", **dims)
-    return weights.load_dinov2_hub_state(case.state(), model).eval()
+    model = weights.build_encoder(img_size=spec.input_size, weight_init="skip", **dims)
+    return weights.load_encoder_state(case.state(), model).eval()
 
 
 @runner("dinov2_layers")
@@ -67,9 +67,9 @@ def run_dinov2_layers(case: Case):
     layers = tuple(meta["layer_indices"])
     spec = EncoderSpec(preset="tiny", resolution=width, layers=layers, precision="fp32")
     model = _golden_dinov2(case, spec)
-    enc = FeatureEncoder(spec, "cpu", dino=model)
+    enc = FeatureEncoder(spec, "cpu", vfm=model)
     out = enc.encode(batch, with_layers=True)
-    x = preprocess_dino(batch, spec.dino_size)
+    x = preprocess_encoder(batch, spec)
     with torch.no_grad():  # the reference's exact call shape (reshape=True) for per-layer maps + CLS
         maps = model.get_intermediate_layers(x, n=list(layers), reshape=True,
                                              return_prefix_tokens=True, norm=True)

@@ -24,4 +24,4 @@ def test_demo_runs_every_stage_and_a_rerun_resumes(tmp_path, capsys):
     again = run_demo(cfg)  # every stage finds its outputs: nothing is retrained or resampled
     assert again["metrics"]["metrics"]["fid"] == result["metrics"]["metrics"]["fid"]
     assert "resumed from" in capsys.readouterr().out
-    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["snapshot"].endswith("ema-0000004.pt")
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["snapshot"].endswith("ema-0000004.safetensors")

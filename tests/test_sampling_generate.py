@@ -30,13 +30,26 @@ def tiny_sit(seed: int = 0):
     return model.eval()
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    path = tmp_path / "ckpt" / "0000100.pt"
+def snapshot(path, **meta):
     save_snapshot(path, tiny_sit(), model_kwargs={**preset_kwargs("SiT-tiny/2"), **KWARGS},
                   method=get_method("reglue", feature_channels=4), step=100,
-                  meta=dict(latent_channels=4, resolution=64, vae_scaling_factor=0.18215))
+                  meta=dict(latent_channels=4, resolution=64, vae_scaling_factor=0.18215, **meta))
     return path
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    return snapshot(tmp_path / "ckpt" / "0000100.safetensors")
+
+
+def test_the_vae_preset_comes_from_the_snapshot(tmp_path, monkeypatch):
+    # a model trained on a tiny-preset cache decodes with the tiny VAE without --vae-preset; offline, the real
+    # VAE would fail at once, so a sample proves the choice
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = snapshot(tmp_path / "tiny.safetensors", encoders={"preset": "tiny"})
+    run_cli("sample", path, "--num", 1, "--batch-size", 1, "--num-steps", 2, "--cpu", "--grid", 0)
+    with np.load(tmp_path / "tiny-sde2-cfg2.3-seed0-1.npz") as z:
+        assert z["arr_0"].shape == (1, 64, 64, 3)
 
 
 def run_cli(*args):

@@ -155,7 +155,7 @@ def test_each_method_trains(caches, tmp_path, method):
     assert all(math.isfinite(line["loss"]) for line in lines)
     assert all((line["feature"] != 0) == (m.features != "none") and (line["cls"] != 0) == m.cls
                and (line["proj"] != 0) == m.repa for line in lines)
-    model, info = load_model(tmp_path / "snapshots" / "ema-0000003.pt")
+    model, info = load_model(tmp_path / "snapshots" / "ema-0000003.safetensors")
     assert info.method.name == method and model.in_channels == 4 + m.feature_channels
     assert info.method.vae_cfg_rule == ("redi" if method == "redi" else "reglue")  # how `sample --vae-cfg` guides it
     assert json.loads((tmp_path / "config.json").read_text())["model_kwargs"]["input_size"] == 8  # from the cache

@@ -220,11 +220,11 @@ def image_norm_stats(sources: SourceList, encoder: FeatureEncoder, count: int, n
     """calc_norm_stats.py: the patch tokens of the first `count` images in source order (shuffle=False), in
     fp32 (the reference's default Accelerator); every process takes every W-th batch of 256."""
     encoder = FeatureEncoder(dataclasses.replace(encoder.spec, precision="fp32"), encoder.device,
-                             dino=encoder.dino, with_vae=False)
+                             vfm=encoder.vfm, with_vae=False)
     count = min(count, len(sources))
     batches = [list(range(i, min(i + NORM_STATS_BATCH, count))) for i in range(0, count, NORM_STATS_BATCH)]
     mine = batches[accelerator.process_index::accelerator.num_processes]
-    moments, skipped = Moments(len(encoder.spec.layers) * encoder.dino_dim, encoder.device), {}
+    moments, skipped = Moments(len(encoder.spec.layers) * encoder.width, encoder.device), {}
     loader = torch.utils.data.DataLoader(ImageDataset(sources, encoder.spec.resolution), batch_sampler=mine,
                                          num_workers=num_workers if mine else 0, generator=quiet())
     rank = f"[rank {accelerator.process_index}/{accelerator.num_processes}]"

@@ -41,14 +41,17 @@ from tqdm.auto import tqdm
 from reglue.pipeline.compressor import (
     EncoderDecoder,
     NormStats,
+    check_made_for,
     compress,
+    describe_key,
+    file_sha256,
     load_norm_stats,
     save_compressor,
     save_norm_stats,
 )
 from reglue.pipeline.encoders import EncoderSpec, FeatureEncoder
 from reglue.pipeline.sources import scan
-from reglue.pipeline.store import Cache, digest
+from reglue.pipeline.store import Cache, digest, make_encoder_key
 from reglue.trainer.compressor_data import (
     NORM_STATS_IMAGES,
     REFERENCE_BATCH,
@@ -83,7 +86,7 @@ class CompressorConfig:
     """Then add the `compressed` features of this cache (pipeline.extract.fill_compressed: from its
     `layers` rows where it has them, else a DINOv2 pass over its source images; never the VAE again)."""
     spec: EncoderSpec = field(default_factory=lambda: EncoderSpec(precision="fp32"))
-    """With `src`: the encoder (`spec.dino`, its weights, `preset`), resolution, layers and DINOv2
+    """With `src`: the encoder (`spec.encoder`, its weights, `preset`), resolution, layers and its
     precision (fp32: the reference trains without autocast, train_compressor.py:280-292). The VAE
     fields are unused. With `cache`, the cache's own encoder is used."""
     norm_stats: str | None = None
@@ -153,6 +156,8 @@ class Plan:
     channels: list[int]
     layers: tuple[int, ...]
     resolution: int
+    encoder: dict
+    """The features' encoder, layers, width and grid (pipeline.store.make_encoder_key), recorded in both files."""
 
     def describe(self, cfg: CompressorConfig, world: int) -> str:
         drawn = self.total_steps * self.global_batch
@@ -169,8 +174,8 @@ class Plan:
         return f"{line} ({reference})"
 
 
-def make_plan(cfg: CompressorConfig, images: int, data_sha256: str, world: int, layers: tuple[int, ...],
-              dino_dim: int, resolution: int) -> Plan:
+def make_plan(cfg: CompressorConfig, images: int, data_sha256: str, world: int, encoder: dict,
+              resolution: int) -> Plan:
     """The batch (capped by the images, a multiple of the processes), the BatchNorm group, the steps."""
     batch, bn = cfg.global_batch, cfg.bn_batch
     if images < batch:  # a small data set: as much of it per step as whole groups on every process take
@@ -182,9 +187,10 @@ def make_plan(cfg: CompressorConfig, images: int, data_sha256: str, world: int, 
     if cfg.src and steps > images // batch:
         raise ValueError(f"--steps-per-epoch {steps} exceeds the {images // batch} full batches of {batch} in one "
                          f"pass over the {images} images")
+    layers = tuple(encoder["layers"])
     channels = get_method("reglue", feature_channels=cfg.channels, layers=layers,
-                          compressor_hidden=cfg.hidden).compressor_channel_list(dino_dim)
-    return Plan(images, data_sha256, batch, bn, steps, cfg.epochs * steps, channels, tuple(layers), resolution)
+                          compressor_hidden=cfg.hidden).compressor_channel_list(encoder["width"])
+    return Plan(images, data_sha256, batch, bn, steps, cfg.epochs * steps, channels, layers, resolution, encoder)
 
 
 def norm_stats_path(out: Path, layers, resolution: int) -> Path:
@@ -209,9 +215,9 @@ def train_compressor(cfg: CompressorConfig) -> Path:
     if cfg.src:
         sources = scan(cfg.src)
         encoder = FeatureEncoder(cfg.spec, accelerator.device, with_vae=False)
-        spec = encoder.spec
-        plan = make_plan(cfg, len(sources), digest([sources.paths, sources.labels]), world, spec.layers,
-                         encoder.dino_dim, spec.resolution)
+        spec, where = encoder.spec, f"--src {cfg.src} through --encoder {cfg.spec.encoder}"
+        key = make_encoder_key(spec.encoder, spec.preset, spec.layers, encoder.width, spec.grid)
+        plan = make_plan(cfg, len(sources), digest([sources.paths, sources.labels]), world, key, spec.resolution)
     else:
         cache = Cache.open(cfg.cache)
         m = cache.meta
@@ -219,8 +225,8 @@ def train_compressor(cfg: CompressorConfig) -> Path:
             raise ValueError(f"{cfg.cache} stores no layers rows: train from the images with `reglue train-compressor "
                              f"--src {m.source['root']}` (the reference's recipe; no second VAE pass), or extract "
                              "a cache with --layers-limit M")
-        rows = valid_layer_rows(cache)
-        plan = make_plan(cfg, len(rows), digest([m.source["sha256"], rows.tolist()]), world, m.layers, m.dino_dim,
+        rows, where = valid_layer_rows(cache), cfg.cache
+        plan = make_plan(cfg, len(rows), digest([m.source["sha256"], rows.tolist()]), world, m.encoder_key(),
                          m.resolution)
     layout = Layout(plan.global_batch, plan.bn_batch, accelerator.process_index, world)
     say(plan.describe(cfg, world))
@@ -236,20 +242,22 @@ def train_compressor(cfg: CompressorConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(resolved, indent=2))
 
-    # 4. Norm stats: given, already computed by this run, or computed now (process 0 writes them).
+    # 4. Norm stats: given, already computed by this run, or computed now (process 0 writes them); the file
+    #    records the features it was computed from, as the compressor will (pipeline.compressor.check_made_for).
     stats_path = norm_stats_path(out, plan.layers, plan.resolution)
     skipped: dict[int, str] = {}
     if cfg.norm_stats:
+        stats = load_norm_stats(cfg.norm_stats)
+        check_made_for(cfg.norm_stats, stats.encoder, plan.encoder, where)
         if accelerator.is_main_process:
-            stats = load_norm_stats(cfg.norm_stats)
-            save_norm_stats(stats_path, stats.mean, stats.std)
+            save_norm_stats(stats_path, stats.mean, stats.std, encoder=plan.encoder)
     elif not stats_path.exists():
         if cfg.src:
             mean, std, skipped = image_norm_stats(sources, encoder, cfg.norm_stats_images, cfg.num_workers, accelerator)
         elif accelerator.is_main_process:
             mean, std = stored_norm_stats(cache, rows, cfg.block_rows)
         if accelerator.is_main_process:
-            save_norm_stats(stats_path, mean, std)
+            save_norm_stats(stats_path, mean, std, encoder=plan.encoder)
     accelerator.wait_for_everyone()
     stats = load_norm_stats(stats_path)
     if stats.mean.numel() != plan.channels[0]:
@@ -312,7 +320,7 @@ def train_compressor(cfg: CompressorConfig) -> Path:
     #    training it, so its file holds 24 of 25 epochs (train_compressor.py:250-277); this one holds all.
     path = out / "compression_model.pth"
     if accelerator.is_main_process:
-        save_compressor(path, bare)
+        save_compressor(path, bare, record={"encoder": plan.encoder, "norm_stats": file_sha256(stats_path)})
         skipped = [{"index": int(i), "path": sources.paths[int(i)], "reason": r} for i, r in loop["skipped"].items()]
         (out / "compressor.json").write_text(json.dumps(
             {**resolved, "steps": loop["step"], "passes": loop["step"] * plan.global_batch / plan.images,
@@ -416,9 +424,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, schedule) -> dict:
 def check_fill_target(url: str, plan: Plan, model_file: Path) -> None:
     """Refuse a --fill cache that this compressor could not fill (another encoder, or another compressor's
     features already there)."""
-    from reglue.pipeline.extract import file_sha256
-
     m = Cache.open(url).meta
+    if m.encoder_key() != plan.encoder:
+        raise ValueError(f"--fill {url} holds features of {describe_key(m.encoder_key())}; this compressor is trained "
+                         f"on {describe_key(plan.encoder)}: fill a cache of that encoder")
     if len(m.layers) * m.dino_dim != plan.channels[0] or m.resolution != plan.resolution:
         raise ValueError(f"--fill {url} holds {m.resolution}-px features of {len(m.layers)} x {m.dino_dim} channels; "
                          f"this compressor takes {plan.resolution}-px {plan.channels[0]}: fill a matching cache")

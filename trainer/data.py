@@ -378,7 +378,7 @@ def layers_for(method: Method, cache) -> Method:
                              f"features of {cache.url} were computed from blocks {cached}: extract a cache with "
                              f"that layer set and fill its compressed features, or use layers={cached}")
         method = replace(method, layers=cached)
-    target = cache.meta.encoders.get("dino_depth", cached[-1] + 1) - 1  # cls/patches: the encoder's last block
+    target = cache.meta.encoder_depth - 1  # cls/patches: the encoder's last block
     if (method.cls or method.repa) and cached[-1] != target:
         raise ValueError(f"method {method.name!r} takes its REPA target and CLS token from the last block of its "
                          f"layer set, block {cached[-1]} (reference train.py:319-330), but {cache.url} holds them "

@@ -105,8 +105,9 @@ class GenerateConfig:
     """Sampler and guidance settings (defaults: the `eval-sh` preset, the released eval.sh)."""
     vae: str = DECODE_VAE
     """VAE used to decode (HF id or local folder)."""
-    vae_preset: str = "real"
-    """"real" weights, or "tiny" random weights (tests only)."""
+    vae_preset: str | None = None
+    """"real" weights, or "tiny" random weights (tests only); None: the preset of the cache the model was
+    trained on, from its snapshot's metadata (official checkpoints: real)."""
     png_dir: str | None = None
     """Also write `<png_dir>/<index:06d>.png` (the reference's naming)."""
     grid: int = 64
@@ -136,7 +137,7 @@ def generate(cfg: GenerateConfig) -> Path:
     from accelerate import Accelerator
 
     from reglue import weights
-    from reglue.trainer.checkpoints import load_model
+    from reglue.trainer.checkpoints import load_model, weights_preset
 
     acc = Accelerator(cpu=cfg.cpu)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
@@ -146,7 +147,8 @@ def generate(cfg: GenerateConfig) -> Path:
         return out
     model, info = load_model(cfg.checkpoint)
     sampler = replace(cfg.sampler, path=info.method.path)  # the SDE's score follows the model's training path
-    model, vae = model.to(acc.device), weights.load_vae(cfg.vae, cfg.vae_preset).to(acc.device)
+    vae = weights.load_vae(cfg.vae, cfg.vae_preset or weights_preset(info))
+    model, vae = model.to(acc.device), vae.to(acc.device)
     if acc.is_main_process:
         _claim_parts_dir(parts, cfg)
     acc.wait_for_everyone()

@@ -40,6 +40,7 @@ from reglue.trainer.recipes import RECIPES, Recipe, encoder_note, get_recipe
 from reglue.trainer.runfolder import (
     PAUSE_ENV,
     append_log,
+    check_same_encoder,
     check_same_run,
     hms,
     latest_checkpoint,
@@ -239,7 +240,8 @@ def make_plan(cfg: TrainConfig, cache: Cache, world: int) -> Plan:
                "resolution": m.resolution, "latent": [m.latent_channels, m.latent_size, m.latent_size],
                "vae_scaling_factor": m.vae_scaling_factor, "dino_dim": m.dino_dim, "num_patches": m.num_patches,
                "compressed_channels": m.compressed_channels, "compressor": m.compressor,
-               "num_classes": m.num_classes, "encoders": m.encoders, "chunk_size": m.chunk_size}
+               "num_classes": m.num_classes, "encoders": m.encoders, "encoder_key": m.encoder_key(),
+               "chunk_size": m.chunk_size}
     return Plan(method, recipe, model_kwargs, arrays, summary, world, per_rank, micro, per_rank // micro)
 
 
@@ -317,6 +319,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     if cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     check_same_run(run, cfg, plan.recipe)
+    check_same_encoder(run, cache)
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
 
@@ -350,7 +353,9 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         rewind_log(run / "log.jsonl", start)
     accelerator.init_trackers("tensorboard")
 
-    snapshot_meta = {**plan.meta_summary, "latent_channels": cache.meta.latent_channels}
+    # What the snapshots record: the cache facts and the training config (`reglue export` reads both).
+    snapshot_meta = {**plan.meta_summary, "latent_channels": cache.meta.latent_channels,
+                     "train": json.loads(json.dumps(resolved["config"]))}
     ema_payload = lambda: snapshot_payload(ema.model, model_kwargs=plan.model_kwargs, method=plan.method,
                                            step=progress.step, meta=snapshot_meta)
     bare = accelerator.unwrap_model(model, keep_torch_compile=False)  # the EMA follows its parameters
@@ -379,7 +384,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         if due(cfg.sample_every) and accelerator.is_main_process:
             save_sample_grid(run / "samples" / f"grid-{step:07d}.png", ema.model, vae, cache.meta, cfg)
         if due(cfg.snapshot_every) and accelerator.is_main_process:
-            save_snapshot(run / "snapshots" / f"ema-{step:07d}.pt", ema.model, model_kwargs=plan.model_kwargs,
+            save_snapshot(run / "snapshots" / f"ema-{step:07d}.safetensors", ema.model, model_kwargs=plan.model_kwargs,
                           method=plan.method, step=step, meta=snapshot_meta)
         # 5.5 Full checkpoint (atomic), then prune.
         if due(cfg.ckpt_every):

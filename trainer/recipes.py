@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from reglue.pipeline.store import encoder_record
+
 DINOV2_B = "vit_base_patch14_dinov2.lvd142m"
 """timm's copy of torch.hub `dinov2_vitb14` (no registers): REPA's and REG's target encoder."""
 DINOV2_B_REG = "vit_base_patch14_reg4_dinov2.lvd142m"
@@ -112,8 +114,7 @@ def get_recipe(method: str) -> Recipe:
 
 def cache_encoder(meta) -> str | None:
     """The timm id of the DINOv2 a cache's targets came from, as `reglue extract` records it (meta.encoders)."""
-    enc = meta.encoders
-    return (enc.get("dino") or {}).get("name") or (enc.get("spec") or {}).get("dino")
+    return encoder_record(meta.encoders).get("name")
 
 
 def encoder_note(method_name: str, recipe: Recipe, meta, uses_dino: bool) -> str | None:

@@ -6,7 +6,7 @@ the model, EMA, optimizer, GradScaler, every RNG, the step and the loader positi
   RUN/config.json          resolved config, versions, cache summary (written at start)
   RUN/log.jsonl            one line per report and per FID evaluation (rewound to the checkpoint on resume)
   RUN/checkpoints/step-N/  full training state (accelerate save_state) + ema.pt; the last k kept
-  RUN/snapshots/ema-N.pt   small EMA-only files for sampling (trainer.checkpoints format)
+  RUN/snapshots/ema-N.safetensors (+ ema-N.json)  EMA-only files for sampling (trainer.checkpoints)
   RUN/pca.safetensors      ReDi's PCA, fitted or read from --pca-file once (method redi)
   RUN/samples/grid-N.png   16 EMA samples at fixed noise and classes every --sample-every steps
   RUN/tensorboard/         TensorBoard events
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from reglue.pipeline.compressor import describe_key
 from reglue.pipeline.store import Cache
 from reglue.trainer.objective import Method
 from reglue.trainer.pca import PCA, fit_pca, load_pca_file
@@ -84,6 +85,18 @@ def config_differences(stored: dict, mine: dict, control: tuple[str, ...]) -> li
     """`key: stored there, mine now` for every field outside `control` that differs (JSON values)."""
     return [f"{k}: {stored.get(k)!r} there, {mine[k]!r} now" for k in mine
             if k not in control and stored.get(k) != mine[k]]
+
+
+def check_same_encoder(run: Path, cache: Cache) -> None:
+    """Refuse to resume a run on another encoder's features (e.g. a cache re-extracted at the same path with
+    --encoder X): the SiT's CLS, REPA and compressed inputs would silently change meaning."""
+    path = run / "config.json"
+    if not path.exists() or latest_checkpoint(run) is None:
+        return
+    then, now = json.loads(path.read_text()).get("cache", {}).get("encoder_key"), cache.meta.encoder_key()
+    if then is not None and then != now:
+        raise ValueError(f"{run} was trained on features of {describe_key(then)}; {cache.url} now holds features of "
+                         f"{describe_key(now)}: train the new features into another --out")
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
