@@ -3,6 +3,7 @@ training step's share (a script, not a test). Results: BENCHMARKS.md and docs/en
 
     python bench/encoders.py                      # every supported family, CPU timings of the encoder forward
     python bench/encoders.py --no-time            # bytes and FLOPs only (exact, seconds)
+    python bench/encoders.py --device cuda --batch 64   # GPU: fp16 autocast, as extraction runs there
     python bench/encoders.py --encoders vit_base_patch14_reg4_dinov2.lvd142m,vit_base_patch16_dinov3.lvd1689m
 
 Per encoder at 256 px (grid 16, the SiT/2 token grid):
@@ -10,7 +11,8 @@ Per encoder at 256 px (grid 16, the SiT/2 token grid):
   with the encoder's width: what every image stores (VAE moments, CLS, int8 patches + scales, 16-channel
   compressed features, labels, valid), and one `layers` row (the compressor's four layers, for the subset);
 - extraction: encoder forward GFLOPs per image (torch FlopCounterMode, on the meta device: exact, no
-  weights) and, unless --no-time, the median CPU time of a full-size random-weight forward at batch 1;
+  weights) and, unless --no-time, the median time per image of a full-size random-weight forward
+  (--device, --batch; fp16 autocast on CUDA, the extraction default, fp32 on the CPU);
 - training: the SiT-B/2 and SiT-XL/2 parameter counts with this width's CLS token and REPA projector
   (reglue method), and the loader's bytes per sample. Nothing of the encoder runs per step: the cache holds it.
 """
@@ -18,6 +20,7 @@ Per encoder at 256 px (grid 16, the SiT/2 token grid):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -80,18 +83,26 @@ def forward_gflops(spec: EncoderSpec) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def forward_ms(spec: EncoderSpec, repeats: int) -> float:
-    model = weights.build_encoder(spec.encoder, spec.input_size, weight_init="skip").eval()
-    x = preprocess_encoder(torch.randint(0, 256, (1, 3, spec.resolution, spec.resolution), dtype=torch.uint8), spec)
+def forward_ms(spec: EncoderSpec, repeats: int, device: torch.device, batch: int) -> float:
+    """Median milliseconds per image of the encoder's forward (after one warm-up call)."""
+    with device:  # built where it runs: a GPU initialises the large ones in seconds
+        model = weights.build_encoder(spec.encoder, spec.input_size, weight_init="skip").eval()
+    images = torch.randint(0, 256, (batch, 3, spec.resolution, spec.resolution), dtype=torch.uint8, device=device)
+    autocast = torch.autocast("cuda", torch.float16) if device.type == "cuda" else contextlib.nullcontext()
     times = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             t = time.perf_counter()
-            model.forward_intermediates(x, indices=list(spec.layers), norm=True, output_fmt="NLC",
-                                        intermediates_only=True, return_prefix_tokens=True)
+            model.forward_intermediates(preprocess_encoder(images, spec), indices=list(spec.layers), norm=True,
+                                        output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             if i:  # the first call warms up
                 times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    del model
+    return 1e3 * statistics.median(times) / batch
 
 
 def main() -> None:
@@ -99,7 +110,9 @@ def main() -> None:
     ap.add_argument("--encoders", default=",".join(ENCODERS))
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-time", action="store_true", help="skip the CPU forwards")
+    ap.add_argument("--no-time", action="store_true", help="skip the timed forwards")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
     torch.manual_seed(0)
     rows, base = [], None
@@ -112,13 +125,14 @@ def main() -> None:
         params = {p: count_parameters(p, **io, num_classes=1000) for p in ("SiT-B/2", "SiT-XL/2")}
         with torch.device("meta"):
             size = sum(p.numel() for p in weights.build_encoder(name, spec.input_size).parameters())
-        ms = (forward_ms(spec, args.repeats) if not args.no_time and size <= TIMED_MAX_PARAMS else None)
+        timed = not args.no_time and (size <= TIMED_MAX_PARAMS or args.device != "cpu")
+        ms = forward_ms(spec, args.repeats, torch.device(args.device), args.batch) if timed else None
         rows.append((name, a, spec, size, per_image, layers_row, read, forward_gflops(spec), ms, params))
         if name == weights.DEFAULT_ENCODER:
             base = rows[-1]
         print(f"done {name}", flush=True)
     print("\n| encoder | D | depth | patch / input | layers | params | cache B/image | layers row B | "
-          "read B/sample | GFLOPs/image | CPU ms/image | vs default | SiT-B/2 params | SiT-XL/2 params |")
+          f"read B/sample | GFLOPs/image | {args.device} ms/image | vs default | SiT-B/2 params | SiT-XL/2 params |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, a, spec, size, per_image, layers_row, read, gf, ms, params in rows:
         ratio = f"{ms / base[8]:.2f}x" if ms and base and base[8] else "-"
