@@ -4,6 +4,7 @@ train-compressor -> train), with every cross-encoder mix refused in one line, an
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,7 +80,8 @@ def test_encoders_without_the_contract_are_refused():
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    """Per encoder: a tiny store of 8 images with layers for all, its compressor (+ fill), 2 reglue steps."""
+    """Per encoder: a tiny store of 8 images, its compressor (DINOv2: from the store's layers rows; DINOv3: from
+    the images, the documented flow) filled into it, then 2 reglue steps."""
     root = tmp_path_factory.mktemp("families")
     rng = np.random.default_rng(0)
     for i in range(8):
@@ -88,14 +90,16 @@ def stores(tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, (70, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     out = {"images": root / "images"}
     for tag, name in (("v2", DINOV2_S), ("v3", DINOV3_B)):
-        cache = str(root / f"{tag}.zarr")
-        extract(ExtractConfig(str(root / "images"), cache, EncoderSpec.tiny(encoder=name), layers_limit=8,
-                              chunk_size=4, batch_size=4, num_workers=0))
-        train_compressor(CompressorConfig(cache, str(root / f"{tag}-compressor"), epochs=1, steps_per_epoch=2,
-                                          hidden=8, fill=True))
+        cache, comp = str(root / f"{tag}.zarr"), str(root / f"{tag}-compressor")
+        extract(ExtractConfig(str(root / "images"), cache, EncoderSpec.tiny(encoder=name),
+                              layers_limit=8 if tag == "v2" else 0, chunk_size=4, batch_size=4, num_workers=0))
+        source = dict(cache=cache) if tag == "v2" else dict(src=str(root / "images"),
+                                                            spec=EncoderSpec.tiny(encoder=name, precision="fp32"))
+        train_compressor(CompressorConfig(comp, fill=cache, epochs=1, steps_per_epoch=1, global_batch=4, bn_batch=4,
+                                          hidden=8, num_workers=0, **source))
         train(TrainConfig(cache, str(root / f"{tag}-run"), model="SiT-tiny/2", max_steps=2, global_batch=4,
                           precision="fp32", log_every=1, ckpt_every=2, snapshot_every=2, sample_every=0, trackers=()))
-        out[tag] = {"cache": cache, "compressor": root / f"{tag}-compressor", "run": root / f"{tag}-run"}
+        out[tag] = {"cache": cache, "compressor": Path(comp), "run": root / f"{tag}-run"}
     return out
 
 
@@ -139,6 +143,13 @@ def test_another_encoders_compressor_or_norm_stats_is_refused_in_one_line(stores
     result = cli("extract", stores["images"], "--out", tmp_path / "new.zarr", "--preset", "tiny", "--resolution", 64,
                  "--encoder", DINOV3_B, "--compressor", v2_comp, "--norm-stats", v2_stats, "--num-workers", 0)
     assert result.exit_code == 1 and DINOV2_S in result.output and not (tmp_path / "new.zarr").exists()
+    # train-compressor: given norm stats of another encoder, or a --fill cache of another encoder, before training
+    with pytest.raises(ValueError, match=f"{v2_stats} was made from features of {DINOV2_S}.*{DINOV3_B}"):
+        train_compressor(CompressorConfig(str(tmp_path / "c1"), src=str(stores["images"]), norm_stats=v2_stats,
+                                          spec=EncoderSpec.tiny(encoder=DINOV3_B), num_workers=0))
+    with pytest.raises(ValueError, match=f"--fill {stores['v3']['cache']} holds features of {DINOV3_B}"):
+        train_compressor(CompressorConfig(str(tmp_path / "c2"), cache=stores["v2"]["cache"],
+                                          fill=stores["v3"]["cache"]))
 
 
 def test_a_store_is_never_resumed_with_another_encoder(stores, tmp_path):
