@@ -37,13 +37,16 @@ HF_REPO = "https://huggingface.co/giorgospets/reglue"  # the official compressor
 
 # ---- file helpers (one home; trainer.checkpoints uses them too) -------------------------------
 
-class UnsafeFileError(pickle.UnpicklingError):
-    """A file's pickle names a global outside the allow-list; it was not loaded."""
+class UnsafeFileError(pickle.UnpicklingError, ValueError):
+    """A file's pickle names a global outside the allow-list; it was not loaded (a ValueError: the
+    command line reports it in one line)."""
 
 
 def safe_load(path: str | os.PathLike, allowed: Sequence[Any] = (), *, mmap: bool = False,
               hint: str = "") -> Any:
-    """`torch.load(weights_only=True)` on CPU with exactly the extra globals in `allowed`."""
+    """`torch.load(weights_only=True)` on CPU with exactly the extra globals in `allowed`.
+
+    A file that is not a torch file (text, truncated, damaged) raises a one-line ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist. {hint}".strip())
@@ -51,10 +54,30 @@ def safe_load(path: str | os.PathLike, allowed: Sequence[Any] = (), *, mmap: boo
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):  # not a refused global: a damaged or foreign file
+            raise ValueError(f"{path} is not a readable torch file (truncated, damaged or another format: "
+                             f"{_first_line(e)}). {hint}".strip()) from None
         raise UnsafeFileError(
             f"refused to load {path}: its pickle needs a global outside the allow-list "
             f"{[getattr(g, '__qualname__', g) for g in allowed]}, and unpickling it could run arbitrary "
-            f"code. If you trust the file, re-save its tensors as a plain state dict. Details: {e}") from None
+            f"code. If you trust the file, re-save its tensors as a plain state dict. "
+            f"Details: {_torch_reason(e)}") from None
+    except (RuntimeError, EOFError, KeyError, IndexError, TypeError, ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a readable torch file (truncated, damaged or another format: "
+                         f"{type(e).__name__}: {_first_line(e)}). {hint}".strip()) from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception message, cut short (torch's run to many lines)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _torch_reason(e: BaseException) -> str:
+    """What torch's weights-only refusal says beyond its boilerplate (e.g. `unsupported GLOBAL posix.system`)."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.removeprefix("WeightsUnpickler error: ").strip() for line in str(e).splitlines()]
+    return "; ".join(line for line in lines if line and not line.startswith(boiler))[:300] or _first_line(e)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -63,12 +86,48 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to `<path>.tmp`, then rename: a reader never sees a half-written file."""
+    """torch.save to `<path>.tmp`, then rename: a reader never sees a half-written file (a failed write
+    removes the tmp file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch_save(obj, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save whose failed writes raise the OSError naming the file (ENOSPC on a full disk). torch's
+    zip writer swallows its file object's OSError and raises a RuntimeError ("unexpected pos") instead."""
+
+    class Sink:
+        def __init__(self, f):
+            self.f, self.error = f, None
+
+        def write(self, data):
+            try:
+                return self.f.write(data)
+            except OSError as e:
+                self.error = e
+                raise
+
+        def flush(self):
+            self.f.flush()
+
+    try:
+        with open(path, "wb") as f:
+            sink = Sink(f)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+                raise sink.error from None
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 # ---- the network (reference compressor.py) ---------------------------------------------------

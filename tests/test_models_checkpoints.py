@@ -12,6 +12,7 @@ from reglue.pipeline.compressor import UnsafeFileError
 from reglue.trainer.checkpoints import _official_config, export_model, load_model, save_snapshot, snapshot_payload
 from reglue.trainer.models import build_sit, count_parameters, preset_kwargs
 from reglue.trainer.objective import METHODS, XL_LAM_SCHEDULE, get_method
+from reglue.trainer.statefiles import seal
 
 KWARGS = dict(input_size=8, in_channels=8, num_classes=10, cls_dim=16, z_dims=(16,))  # 64 px, 4 feature channels
 MODEL_KWARGS = {**preset_kwargs("SiT-tiny/2"), **KWARGS}
@@ -49,6 +50,7 @@ def test_snapshot_round_trip(tmp_path):
     (tmp_path / "step-0000100").mkdir()  # a training checkpoint folder holds the same config + weights as ema.pt
     torch.save(snapshot_payload(ema, model_kwargs=MODEL_KWARGS, method=method, step=100, meta=meta),
                tmp_path / "step-0000100" / "ema.pt")
+    seal(tmp_path / "step-0000100")  # the manifest a training checkpoint carries (trainer.statefiles)
     for source in (path, tmp_path / "step-0000100"):
         model, info = load_model(source)
         same_outputs(model, ema)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from killing import sigkill_when_exists
+from killing import sigkill_when_exists, wait_until_exists
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -322,22 +323,33 @@ def test_redi_pca_is_fitted_on_the_first_images_in_sorted_order(caches):
 # ---- resume, processes, faults -----------------------------------------------------------------
 
 def test_resume_after_sigkill_is_exact(caches, tmp_path):
+    """Also: a second `train` on the folder stops at once naming the holder; the killed run's lock never
+    blocks the rerun; the folder resumes after a move, addressed by a relative path (issue 12 items 5, 7)."""
     # method sit: its recipe (no clipping, random flips) makes the per-sample view choice part of what resumes
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight, killed, moved = tmp_path / "straight", tmp_path / "killed", tmp_path / "moved"
     args = ("--max-steps", "6", "--method", "sit")
     ref = subprocess.Popen(cli_train(caches["full"], straight, *args), env=ENV,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc = subprocess.Popen(cli_train(caches["full"], killed, *args), env={**ENV, PAUSE_ENV: "120"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until_exists(proc, killed / "checkpoints" / "step-0000003")  # paused there (PAUSE_ENV)
+    second = subprocess.run(cli_train(caches["full"], killed, *args), env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
+    assert f"is in use by `reglue train` (pid {proc.pid} on host {socket.gethostname()}" in second.stderr
+    assert f"delete {killed / '.lock'}" in second.stderr and proc.poll() is None
     sigkill_when_exists(proc, killed / "checkpoints" / "step-0000003")
     assert not (killed / "checkpoints" / "step-0000006").exists()
-    subprocess.run(cli_train(caches["full"], killed, *args), env=ENV, check=True, capture_output=True)
+    os.replace(killed, moved)
+    rerun = subprocess.run(cli_train(caches["full"], "moved", *args), env=ENV, check=True, capture_output=True,
+                           text=True, cwd=tmp_path)
+    assert "resumed from moved/checkpoints/step-0000003 at step 3" in rerun.stdout
     assert ref.wait() == 0
-    a, b = (load_file(run / "checkpoints" / "step-0000006" / "model.safetensors") for run in (straight, killed))
+    a, b = (load_file(run / "checkpoints" / "step-0000006" / "model.safetensors") for run in (straight, moved))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ema_a, ema_b = (torch.load(run / "checkpoints" / "step-0000006" / "ema.pt")["ema"] for run in (straight, killed))
+    ema_a, ema_b = (torch.load(run / "checkpoints" / "step-0000006" / "ema.pt")["ema"] for run in (straight, moved))
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
-    assert losses(straight) == losses(killed) and len(losses(killed)) == 6
+    assert losses(straight) == losses(moved) and len(losses(moved)) == 6
 
 
 def test_two_processes_equal_one(caches, tmp_path):

@@ -12,7 +12,8 @@ Formats:
   the training config, ...), `step`) as JSON in the file's header, and the same JSON beside it
   (`ema-N.json`) to read. No pickle at all.
 - training checkpoint folder (trainer.runfolder): the same config plus `ema` (the state dict) as a
-  torch file `ema.pt` next to Accelerate's state; `load_model` accepts the folder.
+  torch file `ema.pt` next to the rest of the training state; `load_model` accepts the folder once its
+  manifest vouches for `ema.pt` (trainer.statefiles).
 - official: `{'model', 'ema', 'opt', 'args': argparse.Namespace, 'steps'}` (train.py:376-387),
   whose state-dict keys equal our SiT's, so it loads strictly with no mapping; `reglue export
   --format official` writes it (without `opt`) for the official generate.py.
@@ -131,8 +132,12 @@ def save_snapshot(path: str | os.PathLike, model: SiT, **config) -> Path:
 def load_model(path: str | os.PathLike) -> tuple[SiT, ModelInfo]:
     """The EMA weights of our snapshot / training checkpoint folder or of an official checkpoint,
     strictly loaded into an eval-mode SiT on the CPU, and what they are."""
+    from reglue.trainer.statefiles import DamagedState, verify
+
     path = Path(path)
     if path.is_dir():
+        if problem := verify(path, [EMA_FILE]):
+            raise DamagedState(f"checkpoint {path} is damaged ({problem}); use another checkpoint or snapshot")
         path = path / EMA_FILE
     if path.suffix == SNAPSHOT_SUFFIX:
         ckpt = _read_safetensors(path)

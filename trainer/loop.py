@@ -1,8 +1,9 @@
 """The Accelerate training loop: `train(TrainConfig)` trains one of the five methods from a cache.
 
-Resume = run the same command again: the latest complete checkpoint restores the model, EMA, optimizer,
-GradScaler, every RNG, the step and the loader position. The run folder's layout, its checkpoints, log
-and config.json live in trainer.runfolder.
+Resume = run the same command again: the newest intact checkpoint restores the model, EMA, optimizer,
+GradScaler, every RNG, the step and the loader position, reading no pickled code. The run folder's
+layout, its checkpoints, log and config.json live in trainer.runfolder; one run at a time holds the
+folder (trainer.folderlock).
 
 Randomness: before each micro-batch the global RNGs are seeded from (seed, step, global micro-batch
 index), so the posterior sample, t, the noise and the label dropout of every sample depend only on
@@ -25,12 +26,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from reglue.pipeline.compressor import safe_load
 from reglue.pipeline.store import Cache
 from reglue.trainer.checkpoints import save_snapshot, snapshot_payload
 from reglue.trainer.data import CacheLoader, layers_for, prepare_batch, required_arrays
 from reglue.trainer.draws import RANDOM, Draws
 from reglue.trainer.ema import EMA
+from reglue.trainer.folderlock import hold, release
 from reglue.trainer.inception import Inception
 from reglue.trainer.metrics import Reference, load_reference
 from reglue.trainer.models import SiT, count_parameters, preset_kwargs
@@ -43,10 +44,13 @@ from reglue.trainer.runfolder import (
     check_same_encoder,
     check_same_run,
     hms,
-    latest_checkpoint,
+    load_checkpoint,
     load_or_fit_pca,
+    newest_intact,
     prune_checkpoints,
+    refuse_foreign,
     resolved_config,
+    resume,
     rewind_log,
     save_checkpoint,
 )
@@ -168,6 +172,15 @@ class TrainConfig:
         for name in ("sample_every", "fid_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off); got {getattr(self, name)}")
+        # Optimizer settings: checked here, before anything is created on disk.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number; got {self.lr}")
+        if not (self.weight_decay >= 0 and self.adam_eps > 0 and all(0 <= b < 1 for b in self.betas)
+                and len(self.betas) == 2):
+            raise ValueError(f"need weight_decay >= 0, adam_eps > 0 and two betas in [0, 1); got {self.weight_decay}, "
+                             f"{self.adam_eps}, {self.betas}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
         if self.fid_every and not self.fid_ref:
             raise ValueError("fid_every needs fid_ref: reference statistics from `reglue fid-ref` or the ADM "
                              "reference batch (VIRTUAL_imagenet256_labeled.npz)")
@@ -270,16 +283,10 @@ def xl_lam_warning(cfg: TrainConfig, method: Method) -> str | None:
 # ---- the step counter and the per-micro-batch seed ----------------------------------------------
 
 class Progress:
-    """Optimizer steps taken; registered for checkpointing next to the loader."""
+    """Optimizer steps taken (saved in the checkpoint's state.json next to the loader position)."""
 
     def __init__(self):
         self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
 
 
 def micro_seed(seed: int, step: int, micro: int) -> int:
@@ -305,12 +312,16 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
                  encoder_note(plan.method.name, plan.recipe, cache.meta, plan.method.uses_dino)):
         if line:
             say(line)
+    resolved = resolved_config(cfg, plan, count_parameters(cfg.model, **plan.model_kwargs))
     if dry_run:
-        resolved = resolved_config(cfg, plan, count_parameters(cfg.model, **plan.model_kwargs))
         say(json.dumps(resolved, indent=2, default=str))
         return resolved
 
-    # 2. Accelerator in the recipe's precision, run folder.
+    # 2. Accelerator in the recipe's precision, run folder (checked before anything is written: --out a
+    # file or a folder of other things, a run of another config; then the lock and config.json).
+    refuse_foreign(run)
+    check_same_run(run, cfg, plan.recipe)
+    check_same_encoder(run, cache)
     precision = plan.recipe.precision
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision={"fp32": "no"}.get(precision, precision),
@@ -318,15 +329,11 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         dynamo_backend="inductor" if cfg.compile else "no")
     if cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    check_same_run(run, cfg, plan.recipe)
-    check_same_encoder(run, cache)
-    if accelerator.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
+    take_folder(accelerator, run, resolved)
 
     # 3. Model, EMA (a copy), optimizer, loader; PCA for ReDi; what the grids and FID need.
     set_seed(cfg.seed)  # model init only; every step reseeds (micro_seed)
     model = SiT(**plan.model_kwargs).train()
-    resolved = resolved_config(cfg, plan, sum(p.numel() for p in model.parameters()))
     ema = EMA(model, cfg.ema_decay).to(accelerator.device)
     optimizer = make_optimizer(cfg, model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -334,22 +341,19 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
                          world=plan.world, window=cfg.window, prefetch=cfg.prefetch,
                          pin_memory=accelerator.device.type == "cuda", flip=plan.recipe.flip)
     progress = Progress()
-    accelerator.register_for_checkpointing(loader, progress)
     pca = load_or_fit_pca(run, cache, plan.method, cfg.pca_samples, accelerator, cfg.pca_file)
     # Evaluation inputs fail early (a missing VAE, reference or Inception file), not at the first grid or FID.
     vae = (load_grid_vae(cache, accelerator.device)
            if cfg.fid_every or (cfg.sample_every and accelerator.is_main_process) else None)
     fid_inputs = load_fid_inputs(cfg, accelerator) if cfg.fid_every else None
 
-    # 4. Resume from the latest complete checkpoint.
-    ckpt = latest_checkpoint(run)
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        ema.load_state_dict(safe_load(ckpt / "ema.pt")["ema"])
-        say(f"resumed from {ckpt} at step {progress.step}")
+    # 4. Resume from the newest intact checkpoint (its manifest verified first; no pickled code is read).
+    progress.step = resume(accelerator, run, lambda ckpt: load_checkpoint(
+        ckpt, accelerator, model=model, optimizer=optimizer, ema=ema, loader=loader))
+    if progress.step:
+        say(f"resumed from {run / 'checkpoints' / f'step-{progress.step:07d}'} at step {progress.step}")
     start = progress.step
     if accelerator.is_main_process:
-        (run / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
         rewind_log(run / "log.jsonl", start)
     accelerator.init_trackers("tensorboard")
 
@@ -371,7 +375,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         due = lambda every, step=step, done=done: every > 0 and step != start and (step % every == 0 or done)
         # 5.1 Health: nothing is reported or saved past a non-finite loss (a host sync, when due).
         if any(due(k) for k in (cfg.log_every, cfg.sample_every, cfg.fid_every, cfg.snapshot_every, cfg.ckpt_every)):
-            raise_if_non_finite(accelerator, bad_step, latest_checkpoint(run))
+            raise_if_non_finite(accelerator, bad_step, run)
         # 5.2 Report: the loop's other host sync.
         if due(cfg.log_every):
             timer = report(accelerator, run, cfg, sums, step, timer, loader.epoch)
@@ -388,7 +392,8 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
                           method=plan.method, step=step, meta=snapshot_meta)
         # 5.5 Full checkpoint (atomic), then prune.
         if due(cfg.ckpt_every):
-            path = save_checkpoint(accelerator, run, step, ema_payload)
+            path = save_checkpoint(accelerator, run, step, model=model, optimizer=optimizer, ema_payload=ema_payload,
+                                   loop_state={"loader": loader.state_dict()})
             if accelerator.is_main_process:
                 prune_checkpoints(run, cfg.keep_last)
             say(f"checkpoint {path}")
@@ -405,6 +410,8 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         progress.step = step + 1
     loader.close()
     accelerator.end_training()
+    if accelerator.is_main_process:
+        release(run)
     return resolved
 
 
@@ -490,13 +497,31 @@ def save_sample_grid(path: Path, model: SiT, vae, meta, cfg: TrainConfig, count:
     save_grid(images.numpy(), path)
 
 
-def raise_if_non_finite(accelerator, bad_step: torch.Tensor, last_good: Path | None) -> None:
+def raise_if_non_finite(accelerator, bad_step: torch.Tensor, run: Path) -> None:
     bad = int(accelerator.reduce(bad_step.clone(), "max"))
     if bad >= 0:
+        last_good = newest_intact(run)  # verified now: never a damaged one, which a rerun would not resume from
         raise FloatingPointError(
             f"non-finite loss at step {bad}; training stopped before saving anything after it. The last good "
             f"checkpoint is {last_good or '(none yet)'}; rerunning resumes from it (lower the lr, use bf16/fp32, "
             "or check the cache for NaN values with `reglue cache verify`)")
+
+
+def take_folder(accelerator, run: Path, resolved: dict) -> None:
+    """Lock the run folder on the main process (trainer.folderlock: a second `reglue train` on it stops at
+    once, naming this one) and write config.json, its mark as a run folder; every process learns the outcome."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            hold(run, "reglue train")
+            (run / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+        except OSError as e:
+            error = e
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
+    if error is not None:
+        raise error
+    if float(failed):
+        raise FileExistsError(f"{run} could not be taken by the main process (see its error)")
 
 
 def report(accelerator, run: Path, cfg: TrainConfig, sums: torch.Tensor, step: int, timer: tuple[float, int],

@@ -4,15 +4,20 @@ Resume = run the same command again: the latest complete checkpoint in RUN/check
 the model, EMA, optimizer, GradScaler, every RNG, the step and the loader position. Run folder:
 
   RUN/config.json          resolved config, versions, cache summary (written at start)
+  RUN/.lock                held by the run using the folder (trainer.folderlock)
   RUN/log.jsonl            one line per report and per FID evaluation (rewound to the checkpoint on resume)
-  RUN/checkpoints/step-N/  full training state (accelerate save_state) + ema.pt; the last k kept
+  RUN/checkpoints/step-N/  full training state (trainer.statefiles, manifest last); the last k kept
   RUN/snapshots/ema-N.safetensors (+ ema-N.json)  EMA-only files for sampling (trainer.checkpoints)
   RUN/pca.safetensors      ReDi's PCA, fitted or read from --pca-file once (method redi)
   RUN/samples/grid-N.png   16 EMA samples at fixed noise and classes every --sample-every steps
   RUN/tensorboard/         TensorBoard events
 
-A checkpoint is written into RUN/checkpoints/.tmp-step-N and renamed to step-N once every process has
-written, so a folder named step-N is always complete; a run killed mid-save leaves only a tmp folder.
+A checkpoint is written into RUN/checkpoints/.tmp-step-N, sealed with a manifest (the sha256 of every
+file) and renamed to step-N once every process has written, so a folder named step-N is complete; a run
+killed or out of disk space mid-save leaves only a tmp folder. Resume loads only a checkpoint whose
+manifest verifies, reading no pickled code (model.safetensors, optimizer.pt and rng-R.pt through the
+weights-only loader, state.json, ema.pt); a damaged newer one is set aside as damaged-step-N, saying so.
+The run's location is not part of its identity: a moved or copied run folder resumes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,8 +37,10 @@ import torch
 
 from reglue.pipeline.compressor import describe_key
 from reglue.pipeline.store import Cache
+from reglue.trainer.checkpoints import EMA_FILE
 from reglue.trainer.objective import Method
 from reglue.trainer.pca import PCA, fit_pca, load_pca_file
+from reglue.trainer.statefiles import DamagedState, read, rng_state, seal, set_rng_state, verify, write
 
 if TYPE_CHECKING:
     from reglue.trainer.loop import Plan, TrainConfig
@@ -59,23 +67,61 @@ def resolved_config(cfg: TrainConfig, plan: Plan, parameters: int) -> dict:
             "model_kwargs": plan.model_kwargs, "parameters": parameters,
             "processes": plan.world, "per_process_batch": plan.per_rank, "micro_batch": plan.micro,
             "accumulation": plan.accum, "arrays": list(plan.arrays), "cache": plan.meta_summary,
+            "cache_location": cache_location(cfg.cache),
             "versions": {"reglue": __version__, "python": platform.python_version(), "torch": torch.__version__,
                          "accelerate": accelerate.__version__, "numpy": np.__version__, "zarr": zarr.__version__}}
 
 
+def cache_location(url: str) -> str:
+    """A cache's location for comparing runs: a local path resolved (relative or absolute alike), a URL as is."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    return str(Path(url.removeprefix("file://")).resolve())
+
+
+def refuse_foreign(run: Path) -> None:
+    """Refuse an --out that holds something other than a reglue run, as `extract` refuses a foreign store:
+    a file, or a folder with visible entries and no run config.json. Nothing is touched."""
+    if not run.exists() and not run.is_symlink():
+        return
+    if run.is_dir() and (_run_config(run) is not None or not any(not p.name.startswith(".") for p in run.iterdir())):
+        return
+    what = "a folder that is not a reglue run folder (no config.json of a run)" if run.is_dir() else "not a folder"
+    raise FileExistsError(f"{run} exists and is {what}; nothing was changed. Choose another --out, or remove it "
+                          "yourself")
+
+
+def _run_config(run: Path) -> dict | None:
+    """config.json of a reglue run in `run`, or None."""
+    try:
+        doc = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(doc, dict) and isinstance(doc.get("config"), dict) and "reglue" in doc.get("versions", {})
+    return doc if ok else None
+
+
 def check_same_run(run: Path, cfg: TrainConfig, recipe=None) -> None:
     """Refuse to resume a run folder that holds a run of another config (RUN_CONTROL fields may change).
-    With the resolved `recipe`, its fields compare as resolved (`--precision fp32` = sit's default)."""
-    path = run / "config.json"
-    if not path.exists() or latest_checkpoint(run) is None:
+    With the resolved `recipe`, its fields compare as resolved (`--precision fp32` = sit's default).
+
+    The run's own location (`out`) is not compared: a moved or copied run folder resumes. The cache
+    is compared by resolved location, so a relative and an absolute path of one cache are the same."""
+    if latest_checkpoint(run) is None:
         return
-    saved = json.loads(path.read_text())
+    saved = _run_config(run)
+    if saved is None:
+        raise ValueError(f"{run / 'config.json'} is missing or unreadable beside checkpoints; restore it, or choose "
+                         "another --out")
     stored = saved["config"]
     mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
     if recipe is not None and "recipe" in saved:
         for key in ("precision", "grad_clip", "flip"):
             stored[key], mine[key] = saved["recipe"][key], getattr(recipe, key)
-    diff = config_differences(stored, mine, RUN_CONTROL)
+    diff = config_differences(stored, mine, (*RUN_CONTROL, "out", "cache"))
+    there, here = saved.get("cache_location", stored.get("cache")), cache_location(cfg.cache)
+    if there != here:
+        diff.append(f"cache: {there!r} there, {here!r} now")
     if diff:
         raise ValueError(f"{run} holds a run with a different config ({'; '.join(diff)}); rerun with the same "
                          "settings or choose another --out")
@@ -102,8 +148,10 @@ def check_same_encoder(run: Path, cache: Cache) -> None:
 # ---- checkpoints --------------------------------------------------------------------------------
 
 def checkpoints(run: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a tmp folder is never one)."""
-    return sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
+    """Complete checkpoints, oldest first (a tmp folder is never one; whether they verify is `resume`'s).
+    Only folders named step-<digits>: `reglue sample` writes step-N-<settings>.npz beside a checkpoint."""
+    found = [p for p in (run / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -111,27 +159,104 @@ def latest_checkpoint(run: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator, run: Path, step: int, ema_payload) -> Path:
-    """accelerate save_state + ema.pt into a tmp folder, renamed once every process has written."""
+def newest_intact(run: Path) -> Path | None:
+    """The newest checkpoint whose manifest verifies (what a rerun resumes from), or None."""
+    return next((c for c in reversed(checkpoints(run)) if verify(c) is None), None)
+
+
+def save_checkpoint(accelerator, run: Path, step: int, *, model, optimizer, loop_state: dict, ema_payload) -> Path:
+    """Every process's state files into a tmp folder (trainer.statefiles; no pickled objects), the manifest
+    last, then the rename to step-N once every process has written. A failed write (a full disk) removes
+    the tmp folder on the main process and raises: no step-N folder is ever half-written."""
     root = run / "checkpoints"
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model, optimizer, scaler, registered objects; RNG of every rank
-    if accelerator.is_main_process:
-        torch.save(ema_payload(), tmp / "ema.pt")  # trainer.checkpoints.load_model reads this file
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    try:
+        write(tmp, f"rng-{accelerator.process_index}.pt", rng_state())  # every process: its own generators
+        if main:
+            write(tmp, "model.safetensors", accelerator.unwrap_model(model, keep_torch_compile=False).state_dict())
+            write(tmp, "optimizer.pt", optimizer.state_dict())
+            write(tmp, EMA_FILE, ema_payload())  # trainer.checkpoints.load_model reads this file
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            write(tmp, "state.json", {"step": step, **loop_state, "scaler": scaler})
+        accelerator.wait_for_everyone()
+        if main:
+            seal(tmp, step=step, processes=accelerator.num_processes)
+    except OSError:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
 
 
+def load_checkpoint(ckpt: Path, accelerator, *, model, optimizer, ema, loader) -> int:
+    """Restore what `save_checkpoint` wrote (every file through the weights-only or JSON readers); the step."""
+    accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(read(ckpt, "model.safetensors"))
+    optimizer.load_state_dict(read(ckpt, "optimizer.pt"))
+    ema.load_state_dict(read(ckpt, EMA_FILE)["ema"])
+    state = read(ckpt, "state.json")
+    loader.load_state_dict(state["loader"])
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng = f"rng-{accelerator.process_index}.pt"
+    if (ckpt / rng).exists():  # absent when resumed with more processes (the draws are reseeded per step)
+        set_rng_state(read(ckpt, rng))
+    return int(state["step"])
+
+
+def resume(accelerator, run: Path, load: Callable[[Path], int]) -> int:
+    """Load the newest checkpoint that verifies and loads, on every process; its step (0 without one).
+
+    The main process verifies the manifest before any file is read. Damaged checkpoints newer than the
+    one resumed are set aside as damaged-step-N, saying so; when none is intact nothing is changed and
+    the error names each problem."""
+    found, problems = checkpoints(run), []
+    for ckpt in reversed(found):
+        problem = verify(ckpt) if accelerator.is_main_process else None
+        if _everyone(accelerator, problem is None):
+            try:
+                step = load(ckpt)
+            except (ValueError, RuntimeError, KeyError, TypeError, OSError) as e:  # UnsafeFileError, DamagedState
+                problem = f"cannot be loaded: {e}"
+            if _everyone(accelerator, problem is None):
+                _set_aside(accelerator, problems, ckpt)
+                return step
+        problems.append((ckpt, problem or "another process could not load it"))
+    if problems:
+        raise DamagedState(f"no checkpoint in {run / 'checkpoints'} is intact ("
+                           + "; ".join(f"{c.name}: {p}" for c, p in problems)
+                           + "); nothing was changed. Restore a good copy, or move the checkpoints folder away "
+                           "to start over")
+    return 0
+
+
+def _everyone(accelerator, ok: bool) -> bool:
+    """True when `ok` holds on every process."""
+    failed = torch.tensor(0.0 if ok else 1.0, device=accelerator.device)
+    return float(accelerator.reduce(failed, "sum")) == 0
+
+
+def _set_aside(accelerator, problems: list[tuple[Path, str]], resumed: Path) -> None:
+    for ckpt, problem in problems:
+        aside = ckpt.with_name(f"damaged-{ckpt.name}")
+        if accelerator.is_main_process:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(ckpt, aside)
+        accelerator.print(f"warning: checkpoint {ckpt} is damaged ({problem}); set aside as {aside.name}, "
+                          f"resuming from {resumed.name}")
+    accelerator.wait_for_everyone()
+
+
 def prune_checkpoints(run: Path, keep_last: int) -> None:
-    """Keep the last k checkpoints; drop tmp folders a killed run left behind."""
+    """Keep the last k checkpoints; drop tmp folders a killed run left behind (damaged-* stay for the user)."""
     stale = checkpoints(run)[:-keep_last] + list((run / "checkpoints").glob(".tmp-*"))
     for old in stale:
         shutil.rmtree(old)
