@@ -10,6 +10,7 @@ from PIL import Image
 from test_sampling_generate import run_cli, tiny_checkpoint  # noqa: F401  (fixture)
 
 from reglue.trainer import inception as inc
+from reglue.trainer.generate import GenerateConfig
 from reglue.trainer.inception import INCEPTION_FILE, Inception, inception_file, save_standin
 from reglue.weights import WeightsUnavailable
 
@@ -73,7 +74,8 @@ def test_fid_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, standin, tmp_path)
     run_cli("fid-ref", real, "--out", tmp_path / "ref.npz", "--resolution", 64, *common)
     out = run_cli("fid", tiny_checkpoint, "--ref", tmp_path / "ref.npz", "--num", 4, "--vae-preset", "tiny", *common)
     samples = sorted(tiny_checkpoint.parent.glob("*.npz"))
-    assert [p.name for p in samples] == ["0000100-sde250-cfg2.3-seed0-4.npz"]  # beside the checkpoint
+    assert [p.name for p in samples] == [GenerateConfig(str(tiny_checkpoint), num=4, vae_preset="tiny").out_path.name]
+    assert samples[0].name.startswith("0000100-sde250-cfg2.3-seed0-4-")  # beside the checkpoint; tiny VAE hashed
     report = json.loads(samples[0].with_suffix(".metrics.json").read_text())
     metrics = report["metrics"]
     assert set(metrics) == {"fid", "sfid", "inception_score", "precision", "recall"} and not report["not_computed"]

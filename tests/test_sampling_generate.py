@@ -63,7 +63,7 @@ def test_sample_npz_layout_and_resume(tiny_checkpoint, tmp_path):
     run_cli("sample", tiny_checkpoint, "--num", 5, "--out", out, "--batch-size", 2, *FAST,
             "--png-dir", tmp_path / "png", "--labels", "balanced")
     with np.load(out) as z:
-        assert sorted(z.files) == ["arr_0", "arr_1"]
+        assert sorted(z.files) == ["arr_0", "arr_1", "config"]  # config: the sampling record
         images, labels = z["arr_0"], z["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (5, 64, 64, 3)  # ADM: uint8 NHWC
     assert labels.dtype == np.int64 and labels.tolist() == [0, 1, 2, 3, 4]  # balanced: index % classes
@@ -130,7 +130,9 @@ def test_sample_from_an_official_checkpoint(tmp_path):
 
     official_checkpoint(tmp_path / "0400000.pt")
     run_cli("sample", tmp_path / "0400000.pt", "--num", 2, "--batch-size", 2, *FAST)
-    with np.load(tmp_path / "0400000-sde3-cfg2.3-seed0-2.npz") as z:
+    name = GenerateConfig(str(tmp_path / "0400000.pt"), num=2, sampler=SamplerConfig(num_steps=3),
+                          vae_preset="tiny").out_path.name  # 0400000-sde3-cfg2.3-seed0-2-<hash of vae_preset>.npz
+    with np.load(tmp_path / name) as z:
         assert z["arr_0"].shape == (2, 64, 64, 3) and z["arr_1"].max() < 10
 
 

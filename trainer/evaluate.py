@@ -36,7 +36,7 @@ from reglue.trainer.metrics import (
     precision_recall,
     save_reference,
 )
-from reglue.trainer.npz import iter_npz, npz_shape
+from reglue.trainer.npz import check_images, iter_npz, npz_shape
 
 PROTOCOL = {
     "fid": "ADM definition; TorchScript port of ADM's TF Inception (clean-fid legacy_tensorflow)",
@@ -120,7 +120,7 @@ class FidConfig:
 
 def evaluate(cfg: FidConfig) -> dict:
     """All metrics of cfg.samples; writes the JSON and returns it (with a one-line `summary`)."""
-    n, ref = npz_shape(cfg.samples)[0], load_reference(cfg.ref)
+    n, ref = check_images(cfg.samples)[0], load_reference(cfg.ref)  # uint8 NHWC RGB, else one line
     device = default_device(cfg.cpu)
     inception = Inception(cfg.inception, device)
     skipped = _not_computed(cfg, ref, n)
@@ -161,7 +161,7 @@ def _not_computed(cfg: FidConfig, ref: Reference, n: int) -> dict:
     why = {}
     if not cfg.sfid or ref.mu_s is None:
         why["sfid"] = "turned off" if not cfg.sfid else "the reference has no mu_s/sigma_s"
-    ref_rows = len(ref.acts) if ref.acts is not None else npz_shape(ref.images)[0] if ref.images else 0
+    ref_rows = len(ref.acts) if ref.acts is not None else check_images(ref.images)[0] if ref.images else 0
     if not cfg.precision_recall:
         why["precision_recall"] = "turned off"
     elif not ref_rows:
@@ -210,8 +210,8 @@ def reference_stats(cfg: RefConfig) -> Path:
     """Compute and save reference statistics; keeps a source npz's own mu/sigma (the ADM batch's are
     over all of ImageNet, its 10K images only feed precision/recall)."""
     device = default_device(cfg.cpu)
+    total, batches = _image_source(cfg, device)  # first: a missing source is named before the Inception is sought
     inception = Inception(cfg.inception, device)
-    total, batches = _image_source(cfg, device)
     keep = np.linspace(0, total - 1, min(cfg.acts, total)).round().astype(int)
     feats = features(inception, batches, total, spatial=True, keep=keep, desc="reference")
     ref = Reference(*feats.pool.mu_sigma(), *feats.spatial.mu_sigma(), acts=feats.rows)
@@ -227,7 +227,7 @@ def _image_source(cfg: RefConfig, device: torch.device) -> tuple[int, Iterator[n
     """(count, uint8 NHWC batches) of an npz, an image folder or a cache."""
     src = cfg.source
     if src.endswith(".npz"):
-        n = min(npz_shape(src)[0], cfg.num or math.inf)
+        n = min(check_images(src)[0], cfg.num or math.inf)
         return n, _take(iter_npz(src, "arr_0", cfg.batch_size), n)
     from reglue.pipeline.store import probe
 

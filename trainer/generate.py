@@ -9,14 +9,21 @@ samples change with the GPU count (generate.py:53-59).
 
 Each finished part is written as `<out>.parts/part-NNNNN.npz`; a rerun skips finished parts, then
 the parts are merged into `<out>` (`arr_0` uint8 [N,H,W,3], `arr_1` int64 labels, as the ADM
-reference batch) and removed.
+reference batch, and `config`: the sampling record) and removed.
+
+Never stale: the record (`sample_record`) holds everything the pixels depend on, the checkpoint's
+sha256 included. A rerun whose record differs from the one in an existing `<out>` (or its parts) is
+refused; the default name carries the settings that change pixels (a hash of the less common ones),
+so a rerun with other settings samples into a new file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -92,7 +99,8 @@ class GenerateConfig:
     checkpoint: str
     """Our snapshot / training checkpoint, or an official REGLUE checkpoint."""
     out: str | None = None
-    """Output `.npz`; default `<checkpoint stem>-<mode><steps>-cfg<scale>-seed<seed>-<num>.npz` beside it."""
+    """Output `.npz`; default `<checkpoint stem>-<mode><steps>-cfg<scale>-seed<seed>-<num>[-<hash>].npz` beside
+    it, the hash of the other settings that change pixels when any differs from its default."""
     num: int = 50_000
     """Number of images (ADM protocol: 50K)."""
     batch_size: int = 64
@@ -129,7 +137,64 @@ class GenerateConfig:
         if self.out:
             return Path(self.out)
         s, ckpt = self.sampler, Path(self.checkpoint)
-        return ckpt.with_name(f"{ckpt.stem}-{s.mode}{s.num_steps}-cfg{s.cfg_scale:g}-seed{self.seed}-{self.num}.npz")
+        name = f"{ckpt.stem}-{s.mode}{s.num_steps}-cfg{s.cfg_scale:g}-seed{self.seed}-{self.num}"
+        other = self._other_pixel_settings()
+        if other != GenerateConfig(checkpoint=self.checkpoint)._other_pixel_settings():
+            name += "-" + hashlib.sha256(json.dumps(other, sort_keys=True).encode()).hexdigest()[:8]
+        return ckpt.with_name(name + ".npz")
+
+    def _other_pixel_settings(self) -> dict:
+        """What changes the pixels besides the checkpoint and the settings spelled out in the default name."""
+        sampler = {k: v for k, v in asdict(self.sampler).items() if k not in ("mode", "num_steps", "cfg_scale")}
+        return {"sampler": sampler, "labels": self.labels, "vae": self.vae, "vae_preset": self.vae_preset,
+                "tf32": self.tf32}
+
+
+# Recorded, and compared for the parts of an unfinished output only: they decide which samples share a
+# model batch, which moves the last bits of a GPU's results, not what the samples are.
+BATCHING = ("batch_size", "part_size")
+
+
+def sample_record(cfg: GenerateConfig, checkpoint_sha256: str, device: str) -> dict:
+    """Everything the samples are a function of (plus BATCHING), as flat plain values."""
+    return json.loads(json.dumps({"checkpoint": str(cfg.checkpoint), "checkpoint_sha256": checkpoint_sha256,
+                                  "device": device, "num": cfg.num, "seed": cfg.seed, "labels": cfg.labels,
+                                  **asdict(cfg.sampler), "vae": cfg.vae, "vae_preset": cfg.vae_preset,
+                                  "tf32": cfg.tf32, **{k: getattr(cfg, k) for k in BATCHING}}))
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 of the weights sampled: a snapshot file's, or a training checkpoint folder's ema.pt (which
+    must match its manifest)."""
+    from reglue.trainer.checkpoints import EMA_FILE
+    from reglue.trainer.statefiles import DamagedState, manifest, sha256, verify
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        if problem := verify(path, [EMA_FILE]):
+            raise DamagedState(f"checkpoint {path} is damaged ({problem}); sample another checkpoint")
+        return manifest(path)["files"][EMA_FILE]["sha256"]
+    return sha256(path)
+
+
+def recorded(out: Path) -> dict | None:
+    """The sampling record inside a finished npz, or None when it has none."""
+    try:
+        with zipfile.ZipFile(out) as zf:
+            if "config.npy" not in zf.namelist():
+                return None
+        with np.load(out) as z:
+            return json.loads(str(z["config"][0]))
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ValueError(f"{out} exists but is not a readable sample batch ({e}); delete it or choose another "
+                         "--out") from None
+
+
+def _differences(there: dict, here: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    return [f"{k}: {there.get(k)!r} there, {here.get(k)!r} now" for k in here
+            if k not in skip and k != "checkpoint" and there.get(k) != here.get(k)]
 
 
 def generate(cfg: GenerateConfig) -> Path:
@@ -142,15 +207,24 @@ def generate(cfg: GenerateConfig) -> Path:
     acc = Accelerator(cpu=cfg.cpu)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     out, parts = cfg.out_path, _parts_dir(cfg.out_path)
+    record = sample_record(cfg, checkpoint_sha256(cfg.checkpoint), acc.device.type)
     if out.exists():
-        acc.print(f"{out} exists; nothing to do")
+        there = recorded(out)
+        if there is None:
+            raise FileExistsError(f"{out} exists and records no sampling configuration (not written by this "
+                                  "`reglue sample`), so it cannot be trusted to be these samples; delete it or "
+                                  "choose another --out")
+        if diff := _differences(there, record, BATCHING):
+            raise FileExistsError(f"{out} holds samples of another configuration ({'; '.join(diff)}); choose "
+                                  "another --out, or delete it")
+        acc.print(f"{out} exists with this configuration; nothing to do")
         return out
     model, info = load_model(cfg.checkpoint)
     sampler = replace(cfg.sampler, path=info.method.path)  # the SDE's score follows the model's training path
     vae = weights.load_vae(cfg.vae, cfg.vae_preset or weights_preset(info))
     model, vae = model.to(acc.device), vae.to(acc.device)
     if acc.is_main_process:
-        _claim_parts_dir(parts, cfg)
+        _claim_parts_dir(parts, record)
     acc.wait_for_everyone()
     todo = [k for k in range(math.ceil(cfg.num / cfg.part_size)) if not _part_file(parts, k).exists()]
     acc.wait_for_everyone()  # every process has listed the parts before any is written
@@ -170,7 +244,7 @@ def generate(cfg: GenerateConfig) -> Path:
             _write_part(parts, k, np.concatenate(images), np.concatenate(labels), _part_indices(cfg, k), cfg.png_dir)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _merge(parts, out, cfg)
+        _merge(parts, out, cfg, record)
     acc.wait_for_everyone()
     return out
 
@@ -191,15 +265,19 @@ def _part_file(parts: Path, k: int) -> Path:
     return parts / f"part-{k:05d}.npz"
 
 
-def _claim_parts_dir(parts: Path, cfg: GenerateConfig) -> None:
-    """Create the parts folder, or check that its parts were made with this same configuration."""
-    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("out", "png_dir", "grid", "cpu")}
+def _claim_parts_dir(parts: Path, record: dict) -> None:
+    """Create the parts folder, or check that its parts were made with this same record (batching included)."""
     parts.mkdir(parents=True, exist_ok=True)
     stamp = parts / "config.json"
-    if stamp.exists() and json.loads(stamp.read_text()) != json.loads(json.dumps(recipe)):
-        raise ValueError(f"{parts} holds parts made with another configuration ({stamp}); "
-                         "delete the folder or choose another --out")
-    stamp.write_text(json.dumps(recipe, indent=1))
+    if stamp.exists():
+        try:
+            there = json.loads(stamp.read_text())
+        except ValueError:
+            there = {}
+        if diff := _differences(there, record):
+            raise ValueError(f"{parts} holds parts made with another configuration ({stamp}: {'; '.join(diff)}); "
+                             "delete the folder or choose another --out")
+    stamp.write_text(json.dumps(record, indent=1))
 
 
 def _write_part(parts: Path, k: int, images: np.ndarray, labels: np.ndarray, indices: list[int],
@@ -214,7 +292,8 @@ def _write_part(parts: Path, k: int, images: np.ndarray, labels: np.ndarray, ind
                                      "labels": (labels.shape, np.int64, [labels])})
 
 
-def _merge(parts: Path, out: Path, cfg: GenerateConfig) -> None:
+def _merge(parts: Path, out: Path, cfg: GenerateConfig, record: dict) -> None:
+    """The parts into `out` with the record as its `config` member (the grid first: `out` existing means done)."""
     files = [_part_file(parts, k) for k in range(math.ceil(cfg.num / cfg.part_size))]
     with np.load(files[0]) as z:
         hw = z["images"].shape[1:]
@@ -224,10 +303,12 @@ def _merge(parts: Path, out: Path, cfg: GenerateConfig) -> None:
             with np.load(f) as z:
                 yield z[key]
 
-    write_npz(out, {"arr_0": ((cfg.num, *hw), np.uint8, column("images")),
-                    "arr_1": ((cfg.num,), np.int64, column("labels"))})
     if cfg.grid:
         save_grid(next(column("images"))[:cfg.grid], out.with_suffix(".grid.png"))
+    text = np.array([json.dumps(record)])
+    write_npz(out, {"arr_0": ((cfg.num, *hw), np.uint8, column("images")),
+                    "arr_1": ((cfg.num,), np.int64, column("labels")),
+                    "config": (text.shape, text.dtype, [text])})
     shutil.rmtree(parts)
 
 
