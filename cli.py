@@ -124,9 +124,10 @@ def models_command(
     from reglue.trainer.models import preset_table
     from reglue.trainer.objective import get_method, sit_io
 
-    m = get_method(method)
-    io = sit_io(m, latent_channels=latent_channels, latent_size=resolution // 8, dino_dim=dino_dim,
-                compressed_channels=m.feature_channels if m.features == "compressed" else 0)
+    with _clear_errors():
+        m = get_method(method)
+        io = sit_io(m, latent_channels=latent_channels, latent_size=resolution // 8, dino_dim=dino_dim,
+                    compressed_channels=m.feature_channels if m.features == "compressed" else 0)
     typer.echo(f"method {m.name}: {io}")
     typer.echo(preset_table(**io))
 
