@@ -50,13 +50,13 @@ def cache(tmp_path_factory):
 
 
 def config(cache, out, **kw):
-    base = dict(method="sit", model="SiT-tiny/2", global_batch=BATCH, precision="fp32", max_steps=6, log_every=1,
-                ckpt_every=3, snapshot_every=100, sample_every=0, trackers=())
+    base = dict(method="sit", flip=False, model="SiT-tiny/2", global_batch=BATCH, precision="fp32", max_steps=6,
+                log_every=1, ckpt_every=3, snapshot_every=100, sample_every=0, trackers=())
     return TrainConfig(cache, str(out), **{**base, **kw})
 
 
 def cli_args(cache, out, *extra):
-    return ["train", "--cache", cache, "--out", str(out), "--method", "sit", "--model", "SiT-tiny/2",
+    return ["train", "--cache", cache, "--out", str(out), "--method", "sit", "--no-flip", "--model", "SiT-tiny/2",
             "--global-batch", str(BATCH), "--precision", "fp32", "--max-steps", "6", "--ckpt-every", "3",
             "--sample-every", "0", "--snapshot-every", "100", "--trackers", "", *extra]
 
@@ -70,7 +70,8 @@ def six_steps(cache, tmp_path_factory):
 
 
 def one_line_error(result) -> str:
-    lines = result.output.strip().splitlines()
+    """Exit 1 with one line on stderr (stdout may hold `train`'s recipe line)."""
+    lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
     return lines[0]
 
