@@ -336,8 +336,8 @@ def test_resume_after_sigkill_is_exact(caches, tmp_path):
     second = subprocess.run(cli_train(caches["full"], killed, *args), env=ENV, capture_output=True,
                             text=True, timeout=120)
     assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
-    assert f"is in use by `reglue train` (pid {proc.pid} on host {socket.gethostname()}" in second.stderr
-    assert f"delete {killed / '.lock'}" in second.stderr and proc.poll() is None
+    assert f"{killed} is in use by pid {proc.pid} on {socket.gethostname()} since" in second.stderr
+    assert f"delete {killed / '.reglue-train.lock'}" in second.stderr and proc.poll() is None
     sigkill_when_exists(proc, killed / "checkpoints" / "step-0000003")
     assert not (killed / "checkpoints" / "step-0000006").exists()
     os.replace(killed, moved)

@@ -2,8 +2,7 @@
 
 Resume = run the same command again: the newest intact checkpoint restores the model, EMA, optimizer,
 GradScaler, every RNG, the step and the loader position, reading no pickled code. The run folder's
-layout, its checkpoints, log and config.json live in trainer.runfolder; one run at a time holds the
-folder (trainer.folderlock).
+layout, its checkpoints, log, config.json and lock live in trainer.runfolder.
 
 Randomness: before each micro-batch the global RNGs are seeded from (seed, step, global micro-batch
 index), so the posterior sample, t, the noise and the label dropout of every sample depend only on
@@ -31,7 +30,6 @@ from reglue.trainer.checkpoints import save_snapshot, snapshot_payload
 from reglue.trainer.data import CacheLoader, layers_for, prepare_batch, required_arrays
 from reglue.trainer.draws import RANDOM, Draws
 from reglue.trainer.ema import EMA
-from reglue.trainer.folderlock import hold, release
 from reglue.trainer.inception import Inception
 from reglue.trainer.metrics import Reference, load_reference
 from reglue.trainer.models import SiT, count_parameters, preset_kwargs
@@ -44,11 +42,13 @@ from reglue.trainer.runfolder import (
     check_same_encoder,
     check_same_run,
     hms,
+    hold_run,
     load_checkpoint,
     load_or_fit_pca,
     newest_intact,
     prune_checkpoints,
     refuse_foreign,
+    release_run,
     resolved_config,
     resume,
     rewind_log,
@@ -411,7 +411,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     loader.close()
     accelerator.end_training()
     if accelerator.is_main_process:
-        release(run)
+        release_run(run)
     return resolved
 
 
@@ -508,12 +508,12 @@ def raise_if_non_finite(accelerator, bad_step: torch.Tensor, run: Path) -> None:
 
 
 def take_folder(accelerator, run: Path, resolved: dict) -> None:
-    """Lock the run folder on the main process (trainer.folderlock: a second `reglue train` on it stops at
-    once, naming this one) and write config.json, its mark as a run folder; every process learns the outcome."""
+    """Lock the run folder on the main process (runfolder.hold_run) and write config.json, its mark as a run
+    folder; every process learns the outcome."""
     error = None
     if accelerator.is_main_process:
         try:
-            hold(run, "reglue train")
+            hold_run(run)
             (run / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
         except OSError as e:
             error = e

@@ -4,7 +4,7 @@ Resume = run the same command again: the latest complete checkpoint in RUN/check
 the model, EMA, optimizer, GradScaler, every RNG, the step and the loader position. Run folder:
 
   RUN/config.json          resolved config, versions, cache summary (written at start)
-  RUN/.lock                held by the run using the folder (trainer.folderlock)
+  RUN/.reglue-train.lock   held by the run using the folder (reglue.lock)
   RUN/log.jsonl            one line per report and per FID evaluation (rewound to the checkpoint on resume)
   RUN/checkpoints/step-N/  full training state (trainer.statefiles, manifest last); the last k kept
   RUN/snapshots/ema-N.safetensors (+ ema-N.json)  EMA-only files for sampling (trainer.checkpoints)
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from reglue.lock import Lock
 from reglue.pipeline.compressor import describe_key
 from reglue.pipeline.store import Cache
 from reglue.trainer.checkpoints import EMA_FILE
@@ -143,6 +144,27 @@ def check_same_encoder(run: Path, cache: Cache) -> None:
     if then is not None and then != now:
         raise ValueError(f"{run} was trained on features of {describe_key(then)}; {cache.url} now holds features of "
                          f"{describe_key(now)}: train the new features into another --out")
+
+
+# ---- the folder's lock ----------------------------------------------------------------------------
+
+_held: dict[str, Lock] = {}  # run folders this process holds
+
+
+def hold_run(run: Path) -> None:
+    """Lock `run` for this process (reglue.lock: a second `reglue train` on it stops at once, naming this one;
+    the lock of a killed run is free). A lock this process still holds from a `train` call that raised is
+    released first: this process is the one using the folder now."""
+    key = str(run.resolve())
+    if key in _held:
+        _held.pop(key).release()
+    _held[key] = Lock(run, "train").acquire()
+
+
+def release_run(run: Path) -> None:
+    lock = _held.pop(str(run.resolve()), None)
+    if lock is not None:
+        lock.release()
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
