@@ -292,13 +292,17 @@ def official_args(model: SiT, info: ModelInfo) -> argparse.Namespace:
 
 
 def _raw_weights(src: Path, ema: SiT) -> tuple[dict, str]:
-    """The non-EMA weights of a training checkpoint folder (Accelerate's model.safetensors), else the EMA's."""
+    """The non-EMA weights of a training checkpoint folder (its model.safetensors), else the EMA's."""
     from safetensors.torch import load_file
+
+    from reglue.trainer.statefiles import DamagedState, verify
 
     state = ema.state_dict()
     file = src / "model.safetensors" if src.is_dir() else None
     if file is None or not file.is_file():
         return state, "`model` = the EMA weights (a snapshot holds only those)"
+    if problem := verify(src, [file.name]):
+        raise DamagedState(f"checkpoint {src} is damaged ({problem}); export another checkpoint")
     raw = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in load_file(str(file)).items()}
     if raw.keys() != state.keys() or any(raw[k].shape != v.shape for k, v in state.items()):
         raise ValueError(f"{file} does not hold the weights of the SiT in {src / EMA_FILE}")
