@@ -312,16 +312,19 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
                  encoder_note(plan.method.name, plan.recipe, cache.meta, plan.method.uses_dino)):
         if line:
             say(line)
-    resolved = resolved_config(cfg, plan, count_parameters(cfg.model, **plan.model_kwargs))
     if dry_run:
+        resolved = resolved_config(cfg, plan, count_parameters(cfg.model, **plan.model_kwargs))
         say(json.dumps(resolved, indent=2, default=str))
         return resolved
 
-    # 2. Accelerator in the recipe's precision, run folder (checked before anything is written: --out a
-    # file or a folder of other things, a run of another config; then the lock and config.json).
+    # 2. The run folder, checked before anything is written (--out a file or a folder of other things, a
+    # run of another config), then locked (a second `reglue train` on it stops here, in seconds); the
+    # Accelerator in the recipe's precision; config.json, the folder's mark as a run folder.
     refuse_foreign(run)
     check_same_run(run, cfg, plan.recipe)
     check_same_encoder(run, cache)
+    take_folder(state, run)
+    resolved = resolved_config(cfg, plan, count_parameters(cfg.model, **plan.model_kwargs))
     precision = plan.recipe.precision
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision={"fp32": "no"}.get(precision, precision),
@@ -329,7 +332,8 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         dynamo_backend="inductor" if cfg.compile else "no")
     if cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    take_folder(accelerator, run, resolved)
+    if accelerator.is_main_process:
+        (run / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
 
     # 3. Model, EMA (a copy), optimizer, loader; PCA for ReDi; what the grids and FID need.
     set_seed(cfg.seed)  # model init only; every step reseeds (micro_seed)
@@ -507,17 +511,17 @@ def raise_if_non_finite(accelerator, bad_step: torch.Tensor, run: Path) -> None:
             "or check the cache for NaN values with `reglue cache verify`)")
 
 
-def take_folder(accelerator, run: Path, resolved: dict) -> None:
-    """Lock the run folder on the main process (runfolder.hold_run) and write config.json, its mark as a run
-    folder; every process learns the outcome."""
+def take_folder(state, run: Path) -> None:
+    """Lock the run folder on the main process (runfolder.hold_run); every process learns the outcome."""
+    from accelerate.utils import reduce
+
     error = None
-    if accelerator.is_main_process:
+    if state.is_main_process:
         try:
             hold_run(run)
-            (run / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
         except OSError as e:
             error = e
-    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
+    failed = reduce(torch.tensor(float(error is not None), device=state.device), "sum")
     if error is not None:
         raise error
     if float(failed):
