@@ -130,8 +130,11 @@ def save_snapshot(path: str | os.PathLike, model: SiT, **config) -> Path:
 
 def load_model(path: str | os.PathLike) -> tuple[SiT, ModelInfo]:
     """The EMA weights of our snapshot / training checkpoint folder or of an official checkpoint,
-    strictly loaded into an eval-mode SiT on the CPU, and what they are."""
-    path = Path(path)
+    strictly loaded into an eval-mode SiT on the CPU, and what they are. `path` may name a checkpoint on the
+    Hugging Face Hub (hf://owner/repo/file or owner/repo; trainer.hub)."""
+    from reglue.trainer.hub import resolve_checkpoint
+
+    path = resolve_checkpoint(path)
     if path.is_dir():
         path = path / EMA_FILE
     if path.suffix == SNAPSHOT_SUFFIX:

@@ -19,6 +19,7 @@ import math
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -90,28 +91,30 @@ class GenerateConfig:
     """`reglue sample`: what to generate and where."""
 
     checkpoint: str
-    """Our snapshot / training checkpoint, or an official REGLUE checkpoint."""
+    """Our snapshot / training checkpoint, an official REGLUE checkpoint, or one on the Hugging Face Hub
+    (hf://owner/repo/file.pt, or owner/repo holding one checkpoint; downloaded once, trainer.hub)."""
     out: str | None = None
-    """Output `.npz`; default `<checkpoint stem>-<mode><steps>-cfg<scale>-seed<seed>-<num>.npz` beside it."""
+    """Output `.npz`; default `<checkpoint stem>-<mode><steps>-cfg<scale>-seed<seed>-<num>.npz` beside the
+    checkpoint (in the current folder for a Hub checkpoint)."""
     num: int = 50_000
     """Number of images (ADM protocol: 50K)."""
     batch_size: int = 64
     """Samples per model batch per process (eval.sh: 64); guidance doubles the forward batch."""
     seed: int = 0
     """Global seed; sample i depends on (seed, i) only."""
-    labels: str = "random"
+    labels: Literal["random", "balanced"] = "random"
     """"random" (the reference: uniform labels) or "balanced" (index % num_classes, 50 per class at 50K)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """Sampler and guidance settings (defaults: the `eval-sh` preset, the released eval.sh)."""
     vae: str = DECODE_VAE
     """VAE used to decode (HF id or local folder)."""
-    vae_preset: str | None = None
+    vae_preset: Literal["real", "tiny"] | None = None
     """"real" weights, or "tiny" random weights (tests only); None: the preset of the cache the model was
     trained on, from its snapshot's metadata (official checkpoints: real)."""
     png_dir: str | None = None
     """Also write `<png_dir>/<index:06d>.png` (the reference's naming)."""
     grid: int = 64
-    """Write a grid image of the first `grid` samples beside the npz (0 = none)."""
+    """Write a grid image of the first `grid` samples beside the npz, `<out>.grid.png` (0 = none)."""
     part_size: int = 1024
     """Samples per resumable part file; a multiple of batch_size."""
     cpu: bool = False
@@ -128,8 +131,15 @@ class GenerateConfig:
     def out_path(self) -> Path:
         if self.out:
             return Path(self.out)
-        s, ckpt = self.sampler, Path(self.checkpoint)
+        from reglue.trainer.hub import is_hub_source, local_name
+
+        s = self.sampler
+        ckpt = Path(local_name(self.checkpoint)) if is_hub_source(self.checkpoint) else Path(self.checkpoint)
         return ckpt.with_name(f"{ckpt.stem}-{s.mode}{s.num_steps}-cfg{s.cfg_scale:g}-seed{self.seed}-{self.num}.npz")
+
+    @property
+    def grid_path(self) -> Path | None:
+        return self.out_path.with_suffix(".grid.png") if self.grid else None
 
 
 def generate(cfg: GenerateConfig) -> Path:
@@ -148,6 +158,9 @@ def generate(cfg: GenerateConfig) -> Path:
     model, info = load_model(cfg.checkpoint)
     sampler = replace(cfg.sampler, path=info.method.path)  # the SDE's score follows the model's training path
     vae = weights.load_vae(cfg.vae, cfg.vae_preset or weights_preset(info))
+    if vae.config.latent_channels != info.latent_channels:
+        raise ValueError(f"VAE {cfg.vae} has {vae.config.latent_channels} latent channels but {cfg.checkpoint} was "
+                         f"trained on {info.latent_channels}; pass the VAE its cache was made with (--vae)")
     model, vae = model.to(acc.device), vae.to(acc.device)
     if acc.is_main_process:
         _claim_parts_dir(parts, cfg)
@@ -226,20 +239,31 @@ def _merge(parts: Path, out: Path, cfg: GenerateConfig) -> None:
 
     write_npz(out, {"arr_0": ((cfg.num, *hw), np.uint8, column("images")),
                     "arr_1": ((cfg.num,), np.int64, column("labels"))})
-    if cfg.grid:
-        save_grid(next(column("images"))[:cfg.grid], out.with_suffix(".grid.png"))
+    if cfg.grid:  # the first `grid` samples, across as many parts as they span
+        first, need = [], cfg.grid
+        for images in column("images"):
+            first.append(images[:need])
+            need -= len(first[-1])
+            if need <= 0:
+                break
+        save_grid(np.concatenate(first), cfg.grid_path)
     shutil.rmtree(parts)
 
 
-def save_grid(images: np.ndarray, path: str | Path) -> Path:
-    """Tile uint8 [N,H,W,3] images into a near-square grid PNG."""
-    from PIL import Image
-
+def tile(images: np.ndarray) -> np.ndarray:
+    """Tile uint8 [N,H,W,3] images into one near-square grid image (uint8 HWC), row by row."""
     n, h, w, _ = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     canvas = np.zeros((rows * h, cols * w, 3), np.uint8)
     for i, img in enumerate(images):
         canvas[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
-    Image.fromarray(canvas).save(path)
+    return canvas
+
+
+def save_grid(images: np.ndarray, path: str | Path) -> Path:
+    """Tile uint8 [N,H,W,3] images into a near-square grid PNG."""
+    from PIL import Image
+
+    Image.fromarray(tile(images)).save(path)
     return Path(path)
