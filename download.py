@@ -27,12 +27,10 @@ class Item:
 
 def plan(resolutions: tuple[int, ...] = (256,)) -> list[Item]:
     """What the real flow loads: extract's VAE and DINOv2, sample's VAE, fid's Inception and references."""
-    import timm
-
     from reglue.trainer.evaluate import ADM_REF_URL, ADM_REFS
     from reglue.trainer.generate import DECODE_VAE
     from reglue.trainer.inception import INCEPTION_FILE, INCEPTION_URL
-    from reglue.weights import DEFAULT_DINOV2, DEFAULT_VAE
+    from reglue.weights import DEFAULT_ENCODER, DEFAULT_VAE, encoder_arch
 
     unknown = sorted(set(resolutions) - set(ADM_REFS))
     if unknown:
@@ -40,8 +38,8 @@ def plan(resolutions: tuple[int, ...] = (256,)) -> list[Item]:
     vae_files = ("config.json", "diffusion_pytorch_model.safetensors")
     items = [Item("SD-VAE ft-MSE (extract encodes with it)", DEFAULT_VAE, vae_files),
              Item("SD-VAE ft-EMA (sample, fid and train grids decode with it)", DECODE_VAE, vae_files),
-             Item(f"DINOv2 {DEFAULT_DINOV2} (extract)", timm.models.get_pretrained_cfg(DEFAULT_DINOV2).hf_hub_id,
-                  ("model.safetensors",)),
+             Item(f"vision encoder {DEFAULT_ENCODER} (extract, train-compressor)",
+                  encoder_arch(DEFAULT_ENCODER).hf_hub_id, (encoder_arch(DEFAULT_ENCODER).hf_hub_filename,)),
              Item("FID Inception (NVIDIA's TorchScript of the ADM evaluator's)", INCEPTION_URL, name=INCEPTION_FILE)]
     items += [Item(f"ADM reference batch, ImageNet {r} px", ADM_REF_URL.format(resolution=r, name=ADM_REFS[r]),
                    name=ADM_REFS[r]) for r in resolutions]
