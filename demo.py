@@ -120,7 +120,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                                     acts=cfg.samples, inception=str(inception), batch_size=16, cpu=True))
     metrics = evaluate(FidConfig(samples=str(samples), ref=str(ref), inception=str(inception), batch_size=16,
                                  cpu=True))
-    result = {"cache": cache, "snapshot": str(snapshot), "samples": str(samples), "metrics": metrics}
+    result = {"cache": cache, "run": str(run), "snapshot": str(snapshot), "samples": str(samples),
+              "grid": str(samples.with_suffix(".grid.png")), "metrics": metrics}
     (out / "demo.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"\n{metrics['summary']}\n(plumbing check with random weights, not a result) -> {out / 'demo.json'}")
+    grid = samples.with_suffix(".grid.png")
+    print(f"\n{metrics['summary']} (plumbing check with random weights, not a result)\n"
+          f"demo: run {run}, samples {samples}, grid {grid}, everything listed in {out / 'demo.json'}")
     return result

@@ -1,9 +1,14 @@
-"""Pretrained weights, one home: the SD-VAE (diffusers) and the vision encoder (timm: DINOv2 with or
-without registers, DINOv3, CLIP; default DINOv2 ViT-B/14 with registers, the paper's).
+"""Pretrained weights and downloaded files, one home: the SD-VAE (diffusers), the vision encoder (timm:
+DINOv2 with or without registers, DINOv3, CLIP; default DINOv2 ViT-B/14 with registers, the paper's), and
+the files fetched once into reglue's cache folder (the FID Inception, the ADM reference batches).
 
 `preset="real"` loads the published weights (HF Hub cache first, then the network unless offline;
 or a local copy). `preset="tiny"` builds the same architectures at tiny width with seeded random
 weights: reproducible, offline, and NOT for real use (tests and the demo only).
+
+Offline: nothing waits on network retries. Before any download the host is probed once per process
+(a few seconds at most); HF_HUB_OFFLINE=1 skips even that. Every error names the file, its source,
+the option or environment variable that points at a local copy, and `reglue download`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ import importlib
 import io
 import os
 import re
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +45,51 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights could not be found locally nor downloaded."""
 
 
+NETWORK_TIMEOUT = 3.0
+"""Seconds the reachability probe waits (name lookup and TCP connect) before calling a host offline."""
+OFFLINE_HINT = ("set HF_HUB_OFFLINE=1 to skip network attempts; `reglue download` fetches every file on a "
+                "machine online")
+
+
 def _offline() -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once at import; read it at call time as well.
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+@functools.cache
+def _reachable(host: str, port: int) -> bool:
+    """Whether a TCP connection to host:port opens within NETWORK_TIMEOUT (the name lookup included: it runs
+    in a thread, since getaddrinfo has no timeout of its own)."""
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=NETWORK_TIMEOUT).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(NETWORK_TIMEOUT)
+    return bool(ok)
+
+
+def why_offline(url: str) -> str | None:
+    """None when `url`'s host can be reached, else why not (said in every offline error)."""
+    if _offline():
+        return "HF_HUB_OFFLINE is set"
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if not _reachable(parts.hostname or "", port):
+        return f"{parts.hostname} cannot be reached (no network?)"
+    return None
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
 
 
 def _revision(path: str | Path | None) -> str | None:
@@ -78,10 +129,14 @@ def tiny_vae():
                          sample_size=64)
 
 
+VAE_DOWNSAMPLE = 8
+"""Image side / latent side of an SD-VAE; every latent and patch grid in reglue is derived from it."""
+
+
 def load_vae(name: str = DEFAULT_VAE, preset: str = "real"):
     """diffusers `AutoencoderKL` in eval mode, fp32. `name`: an HF Hub id or a local folder."""
     if preset == "tiny":
-        return _tag(tiny_vae(), name=name, preset=preset, source=TINY_LABEL, revision=None)
+        return _tag(check_vae(tiny_vae(), name), name=name, preset=preset, source=TINY_LABEL, revision=None)
     if preset != "real":
         raise ValueError(f"unknown weights preset {preset!r}: use 'real' or 'tiny'")
     from diffusers import AutoencoderKL
@@ -94,27 +149,43 @@ def load_vae(name: str = DEFAULT_VAE, preset: str = "real"):
             raise WeightsUnavailable(
                 f"VAE folder {name} is not a diffusers AutoencoderKL folder (config.json + "
                 f"diffusion_pytorch_model.safetensors): {e}") from e
-        return _tag(vae, name=name, preset=preset, source=str(Path(name).resolve()), revision=None)
+        return _tag(check_vae(vae, name), name=name, preset=preset, source=str(Path(name).resolve()), revision=None)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"VAE folder {name} does not exist (--vae takes a Hugging Face id such as "
+                                f"{DEFAULT_VAE} or a local diffusers folder)")
     try:
         vae = AutoencoderKL.from_pretrained(name, local_files_only=True)
     except OSError as err:
-        if _offline():
-            raise _vae_unavailable(name, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set") from err
+        # diffusers' own message ("does not appear to have a file named config.json") misleads: say what happened.
+        if why := why_offline(hub_endpoint()):
+            raise _vae_unavailable(name, why) from None
         try:
             vae = AutoencoderKL.from_pretrained(name)
         except OSError as e:
-            raise _vae_unavailable(name, str(e)) from e
+            raise _vae_unavailable(name, f"the download failed ({e})") from err
     cached = try_to_load_from_cache(name, "config.json")
-    return _tag(vae, name=name, preset=preset, source=f"https://huggingface.co/{name}",
+    return _tag(check_vae(vae, name), name=name, preset=preset, source=f"https://huggingface.co/{name}",
                 revision=_revision(cached if isinstance(cached, str) else None))
+
+
+def check_vae(vae, name: str):
+    """Refuse a VAE that is not an SD-VAE-like AutoencoderKL downsampling by 8: any other one would load and
+    give latents of the wrong size or meaning without a word."""
+    stages = len(getattr(vae.config, "block_out_channels", ()))
+    factor = 2 ** (stages - 1) if stages else 0
+    if type(vae).__name__ != "AutoencoderKL" or factor != VAE_DOWNSAMPLE:
+        raise ValueError(f"VAE {name} is a {type(vae).__name__} that downsamples by {factor}, not an AutoencoderKL "
+                         f"that downsamples by {VAE_DOWNSAMPLE} as the SD-VAE does; pass --vae {DEFAULT_VAE} "
+                         "(encoding) or stabilityai/sd-vae-ft-ema (decoding), or a local copy of one")
+    return vae
 
 
 def _vae_unavailable(name: str, why: str) -> WeightsUnavailable:
     return WeightsUnavailable(
-        f"VAE weights {name!r} (Hugging Face Hub, https://huggingface.co/{name}) are unavailable: "
-        f"{why}. Offline, point at a local copy: pass a folder holding its config.json and "
-        f"diffusion_pytorch_model.safetensors as the VAE name (e.g. --vae /path/to/sd-vae-ft-mse), "
-        f"or fill the Hugging Face cache (HF_HOME) with `hf download {name}` on a machine online.")
+        f"VAE weights {name!r} are not in the local Hugging Face cache and {why}. Pass a local copy with "
+        f"--vae DIR (a folder holding its config.json and diffusion_pytorch_model.safetensors, e.g. from "
+        f"`hf download {name} --local-dir DIR`), or set HF_HOME to a Hugging Face cache that holds "
+        f"https://huggingface.co/{name}; {OFFLINE_HINT}.")
 
 
 # ---- the vision encoder (DINOv2, DINOv3, CLIP, ... through timm) ------------------------------
@@ -292,18 +363,18 @@ def _hub_file(arch: EncoderArch) -> str:
     try:
         return hf_hub_download(repo, filename, local_files_only=True)
     except OSError:
-        why = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
-        if not _offline():
+        why = why_offline(hub_endpoint())
+        if why is None:
             try:
                 return hf_hub_download(repo, filename)
             except OSError as e:
-                why = str(e)
+                why = f"the download failed ({e})"
     original = f", or the original file {arch.url}" if arch.url else ""
     raise WeightsUnavailable(
-        f"encoder weights {arch.name!r} (Hugging Face Hub {repo}{original}) are unavailable: {why}. Offline, "
-        f"point at a local copy: pass --encoder-weights /path/to/{filename} (the timm file) or the original "
-        f"release's file, or set {ENCODER_WEIGHTS_ENV}=/path/to/file, or fill the Hugging Face cache (HF_HOME) "
-        f"with `hf download {repo}` on a machine online.")
+        f"encoder weights {arch.name!r} are not in the local Hugging Face cache and {why}. Pass a local copy with "
+        f"--encoder-weights FILE or set {ENCODER_WEIGHTS_ENV}=FILE ({filename} of https://huggingface.co/{repo}"
+        f"{original}), or set HF_HOME to a Hugging Face cache that holds it (`hf download {repo}` on a machine "
+        f"online); {OFFLINE_HINT}.")
 
 
 # Former names of the functions above (the encoder used to be DINOv2-B only), for code written against them.
@@ -311,3 +382,51 @@ DEFAULT_DINOV2 = DEFAULT_ENCODER
 build_dinov2 = build_encoder
 load_dinov2 = load_encoder
 load_dinov2_hub_state = load_encoder_state
+
+
+# ---- files fetched once into reglue's cache folder (FID Inception, ADM reference batches) -----------
+
+def cache_dir() -> Path:
+    """reglue's cache folder: $XDG_CACHE_HOME/reglue (default ~/.cache/reglue)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "reglue"
+
+
+def find_file(name: str, url: str, *, given: str | os.PathLike | None, env: str, option: str, what: str,
+              download: bool = True) -> Path:
+    """A file found as every downloaded file is: `given` (the file, or a folder holding `name`), else the
+    environment variable `env` (likewise), else reglue's cache folder, where it is downloaded once from
+    `url` (atomically) when missing and `download`."""
+    source = given or os.environ.get(env)
+    file = Path(source).expanduser() if source else cache_dir() / name
+    if file.is_dir():
+        file = file / name
+    if file.is_file():
+        return file
+    if source or not download:
+        reason = "it is not there"
+    elif why := why_offline(url):
+        reason = why
+    else:
+        try:
+            download_file(url, file)
+            return file
+        except OSError as err:
+            reason = f"the download failed ({err})"
+    raise WeightsUnavailable(
+        f"{what} {file} not found: {reason}. Get {url} and pass it with {option} FILE or set {env}=FILE "
+        f"(a folder holding {name} also works), or put it at {cache_dir() / name}; {OFFLINE_HINT}.")
+
+
+def download_file(url: str, file: Path) -> None:
+    """`url` into `file`, with a progress bar; a half-written file never has the final name."""
+    from tqdm.auto import tqdm
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    part = file.with_name(file.name + ".part")
+    with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
+        with tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                  desc=f"downloading {file.name}") as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+    os.replace(part, file)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The one prepared script for a GPU session: every GPU benchmark in bench/, about 4-6 minutes on an H100.
+# Every GPU benchmark in bench/ in one go, about 4-6 minutes on an H100.
 #
-#   device:  run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=540)
-#            (first, on the CPU machine: `bash bench/gpu_wheels.sh`, which fills .whl/)
-#   here:    bash bench/gpu.sh --dry-run        # or GPU_SH_CPU_SMOKE=1: the CPU smoke mode, see below
+#   GPU machine:  bash bench/gpu.sh    (offline: first `bash bench/gpu_wheels.sh` on a machine online,
+#                                       which fills .whl/, and copy .whl/ along with the checkout)
+#   CPU check:    bash bench/gpu.sh --dry-run        # or GPU_SH_CPU_SMOKE=1: the CPU smoke mode, see below
 #
 # Device mode:
 #   1. fails fast (exit 3) unless nvidia-smi and torch see a CUDA device; prints `nvidia-smi -L`, python,
@@ -17,8 +17,8 @@
 #   4. runs the steps below, each under `timeout` (SIGINT first, so Python prints where it was), the
 #      whole run under GPU_SH_BUDGET seconds (default 450) from the script's start: a step gets
 #      min(its cap, time left) and is skipped with under 20 s left. A failed step does not stop the others;
-#   5. writes the tables to $OUT/gpu-results.md and the whole output to $OUT/gpu-log.txt ($OUT is the
-#      device tool's return folder; without it, a fresh /tmp/reglue-gpu.* folder), then prints a summary
+#   5. writes the tables to $OUT/gpu-results.md and the whole output to $OUT/gpu-log.txt ($OUT if set;
+#      without it, a fresh /tmp/reglue-gpu.* folder), then prints a summary
 #      table and the results file. Exit status: 0 if every step passed, else 1.
 #
 #   step      cap   command (device mode)
@@ -116,8 +116,8 @@ install_wheels() {
     local wheels=("$REPO"/.whl/*.whl)
     shopt -u nullglob
     if ((${#wheels[@]} == 0)); then
-        echo "ERROR: no wheels in .whl/: run 'bash bench/gpu_wheels.sh' on the CPU machine first, then name" \
-             "'.whl' in the device call's carry (run(command=\"bash bench/gpu.sh\", carry=[\".whl\"]))." >&2
+        echo "ERROR: no wheels in .whl/: run 'bash bench/gpu_wheels.sh' on a machine online first and copy" \
+             ".whl/ here along with the checkout." >&2
         exit 4
     fi
     local installer=$PY

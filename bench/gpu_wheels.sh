@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download, HERE (a machine that reaches PyPI), the wheels that the GPU machine's image lacks, into .whl/.
 #
-#     bash bench/gpu_wheels.sh          # then, on the device: run(command="bash bench/gpu.sh", carry=[".whl"])
+#     bash bench/gpu_wheels.sh          # then, on the GPU machine, with .whl/ copied along: bash bench/gpu.sh
 #
 # The device machine (nvidia-h100-x1 / nvidia-h200, image 'cuda') runs CPython 3.12 on x86-64 Linux, has
 # torch, numpy, accelerate, timm, typer, fsspec, scipy, pillow, safetensors, huggingface-hub, tensorboard,

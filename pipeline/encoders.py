@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ LEGACY_SPEC_KEYS = {"dino": "encoder", "dino_weights": "encoder_weights"}
 class EncoderSpec:
     """Which encoders, at which resolution and precision. Every dimension derives from it."""
 
-    preset: str = "real"
+    preset: Literal["real", "tiny"] = "real"
     """"real": published weights; "tiny": seeded random tiny models (tests, demo; not for real use)."""
     vae: str = weights.DEFAULT_VAE
     """VAE: HF Hub id or a local diffusers folder."""
@@ -48,7 +49,7 @@ class EncoderSpec:
     layers: tuple[int, ...] | None = None
     """0-based blocks whose normed patch tokens form `layers` (reference `--interm_layers`); default: the
     encoder's last four blocks (8..11 for a 12-block ViT, the paper's)."""
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """"fp32", "bf16" or "fp16" autocast for the encoder; "auto": fp16 on CUDA, fp32 elsewhere."""
 
     def __post_init__(self):

@@ -317,10 +317,10 @@ def changed_sources(cache: Cache, sources: SourceList, markers: dict[int, dict])
 # ---- the pipeline: loader -> device -> writer thread ------------------------------------------
 
 def chunk_batches(sources: SourceList, resolution: int, needed: dict[int, np.ndarray], batch_size: int,
-                  num_workers: int, state: PartialState, desc: str) -> Iterator[tuple[int, Iterator]]:
+                  num_workers: int, state: PartialState, desc: str | None) -> Iterator[tuple[int, Iterator]]:
     """(k, batches of chunk k) in chunk order; every batch is (index, uint8 images, ok, reasons, stamps)
     of at most `batch_size` samples of one chunk, decoded in DataLoader workers; stamps are the files'
-    (sizes, mtimes_ns, hashes) as read."""
+    (sizes, mtimes_ns, hashes) as read. A bar counts the images decoded unless `desc` is None."""
     indices = [int(i) for ids in needed.values() for i in ids]
     batches, counts, pos = [], [], 0  # batches hold positions in `indices`
     for ids in needed.values():
@@ -331,7 +331,8 @@ def chunk_batches(sources: SourceList, resolution: int, needed: dict[int, np.nda
     loader = iter(torch.utils.data.DataLoader(
         ImageDataset(sources, resolution, indices, stamps=True), batch_sampler=batches,
         num_workers=num_workers if indices else 0, pin_memory=torch.cuda.is_available()))
-    bar = tqdm(total=len(indices), unit="img", desc=desc, disable=not state.is_main_process, smoothing=0.1)
+    bar = tqdm(total=len(indices), unit="img", desc=desc, disable=desc is None or not state.is_main_process,
+               smoothing=0.1)
     delay = float(os.environ.get(TEST_DELAY_ENV, 0))
 
     def take(n: int) -> Iterator:
@@ -556,9 +557,12 @@ def fill_chunks(cache: Cache, chunks: list[int], comp: Compressor, src: str | No
         encoder = FeatureEncoder(dataclasses.replace(spec, precision=m.encoders["precision"]), device,
                                  with_vae=False)
     shape = (comp.provenance["channels"][-1], m.grid, m.grid)
-    with ChunkWriter(cache, "compressed") as writer:
-        for k, batches in chunk_batches(sources, m.resolution, needed, batch_size, num_workers, state,
-                                        f"fill-compressed [rank {state.process_index}/{state.num_processes}]"):
+    # The bar counts rows (samples) filled, whether from stored layers or from a second DINOv2 pass.
+    bar = tqdm(total=sum(stop - start for start, stop in map(cache.sample_range, chunks)), unit="row",
+               desc=f"fill-compressed [rank {state.process_index}/{state.num_processes}]",
+               disable=not state.is_main_process, smoothing=0.1)
+    with bar, ChunkWriter(cache, "compressed") as writer:
+        for k, batches in chunk_batches(sources, m.resolution, needed, batch_size, num_workers, state, None):
             (start, stop), (j0, j1) = cache.sample_range(k), cache.layer_rows(k)
             out = np.zeros((stop - start, *shape), np.float16)
             rows = layer_index[j0:j1]
@@ -578,4 +582,5 @@ def fill_chunks(cache: Cache, chunks: list[int], comp: Compressor, src: str | No
                 layers = encoder.layers(images).half()
                 out[index.numpy() - start] = comp(layers).cpu().numpy()
             writer.submit(k, {"compressed": out})
+            bar.update(stop - start)
     return writer.written

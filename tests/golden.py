@@ -1,9 +1,9 @@
 """Golden-case plumbing shared by every parity test.
 
 A case is a folder holding `case.json` (and usually `tensors.safetensors`) produced by running the
-official code (see the golden README). Cases are found under `$REGLUE_GOLDEN_DIR`
-(default: `../shared/golden` next to the repository) and dispatched on `case.json["case"]` to a
-runner registered with `@runner("<kind>")`. A kind with no runner is skipped with a reason.
+official code (see tests/golden/README.md). Cases are found under `$REGLUE_GOLDEN_DIR`, by default
+the public cases shipped in `tests/golden/`, and dispatched on `case.json["case"]` to a runner
+registered with `@runner("<kind>")`. A kind with no runner is skipped with a reason.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import torch
 
 from reglue.trainer.draws import Draws
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_GOLDEN_DIR = REPO.parent / "shared" / "golden"
+DEFAULT_GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 
 
 def golden_dir() -> Path:

@@ -98,7 +98,7 @@ def test_layers_alone_equal_the_full_encode():
 def test_resume_after_sigkill_is_bitwise_equal(flow, tmp_path, capsys):
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "reglue.cli", "train-compressor", "--src", str(flow["images"]), "--out", str(killed),
-           "--preset", "tiny", "--resolution", str(RES), *(f"--{k.replace('_', '-')}={v}" for k, v in ARGS.items())]
+           "--weights", "tiny", "--resolution", str(RES), *(f"--{k.replace('_', '-')}={v}" for k, v in ARGS.items())]
     proc = subprocess.Popen(cmd, env={**ENV, PAUSE_ENV: "120"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sigkill_when_exists(proc, killed / "checkpoints" / "step-0000003")
     assert not (killed / "compression_model.pth").exists()
@@ -117,7 +117,7 @@ def test_resume_after_sigkill_is_bitwise_equal(flow, tmp_path, capsys):
 def test_two_processes_train_what_one_does(flow, tmp_path):
     two = tmp_path / "two"
     cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29733", "-m", "reglue.cli", "train-compressor",
-           "--src", str(flow["images"]), "--out", str(two), "--preset", "tiny", "--resolution", str(RES),
+           "--src", str(flow["images"]), "--out", str(two), "--weights", "tiny", "--resolution", str(RES),
            *(f"--{k.replace('_', '-')}={v}" for k, v in {**ARGS, "epochs": 1}.items())]
     subprocess.run(cmd, env=ENV, check=True, capture_output=True)
     stats = [load_norm_stats(run / "dino_mean_std_8_9_10_11_64.pth") for run in (flow["run"], two)]

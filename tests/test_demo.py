@@ -23,5 +23,7 @@ def test_demo_runs_every_stage_and_a_rerun_resumes(tmp_path, capsys):
 
     again = run_demo(cfg)  # every stage finds its outputs: nothing is retrained or resampled
     assert again["metrics"]["metrics"]["fid"] == result["metrics"]["metrics"]["fid"]
-    assert "resumed from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "already done:" in out  # the finished run is not trained again
+    assert out.strip().splitlines()[-1].startswith(f"demo: run {tmp_path / 'demo' / 'run'}, samples ")  # its ending
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["snapshot"].endswith("ema-0000004.safetensors")

@@ -140,7 +140,7 @@ def test_another_encoders_compressor_or_norm_stats_is_refused_in_one_line(stores
     with pytest.raises(ValueError, match="records no encoder"):
         fill_compressed(stores["v3"]["cache"], v3_comp, str(official))
     # extract with another encoder's files, into a new store
-    result = cli("extract", stores["images"], "--out", tmp_path / "new.zarr", "--preset", "tiny", "--resolution", 64,
+    result = cli("extract", stores["images"], "--out", tmp_path / "new.zarr", "--weights", "tiny", "--resolution", 64,
                  "--encoder", DINOV3_B, "--compressor", v2_comp, "--norm-stats", v2_stats, "--num-workers", 0)
     assert result.exit_code == 1 and DINOV2_S in result.output and not (tmp_path / "new.zarr").exists()
     # train-compressor: given norm stats of another encoder, or a --fill cache of another encoder, before training

@@ -27,7 +27,7 @@ from reglue.pipeline.store import Cache, decode_patches, layer_sample_indices, v
 
 RES, CHUNK, BATCH, LAYERS_LIMIT = 64, 4, 3, 5
 BAD = {"bee/empty.jpg": "empty file", "bee/text.jpg": "cannot identify", "bee/truncated.jpg": "truncated"}
-ARGS = ["--preset", "tiny", "--resolution", str(RES), "--chunk-size", str(CHUNK), "--batch-size", str(BATCH),
+ARGS = ["--weights", "tiny", "--resolution", str(RES), "--chunk-size", str(CHUNK), "--batch-size", str(BATCH),
         "--layers-limit", str(LAYERS_LIMIT), "--num-workers", "0"]
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 from test_sampling_generate import run_cli, tiny_checkpoint  # noqa: F401  (fixture)
 
+from reglue import weights
 from reglue.trainer import inception as inc
 from reglue.trainer.generate import GenerateConfig
-from reglue.trainer.inception import INCEPTION_FILE, Inception, inception_file, save_standin
+from reglue.trainer.inception import INCEPTION_FILE, Inception, inception_file
 from reglue.weights import WeightsUnavailable
 
 
@@ -24,9 +25,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory):
-    return save_standin(tmp_path_factory.mktemp("inception") / INCEPTION_FILE)
+@pytest.fixture
+def standin(standin_inception):
+    return standin_inception
 
 
 def test_inception_file_lookup_and_offline_errors(tmp_path, monkeypatch, standin):
@@ -45,7 +46,8 @@ def test_inception_file_lookup_and_offline_errors(tmp_path, monkeypatch, standin
     def offline(url, file):
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr(inc, "_download", offline)
+    monkeypatch.setattr(weights, "why_offline", lambda url: None)  # as if online, and then the download fails
+    monkeypatch.setattr(weights, "download_file", offline)
     with pytest.raises(WeightsUnavailable, match="download failed.*Name or service.*nvlabs-fi-cdn"):
         inception_file()
     renamed = tmp_path / "inception.pt"
@@ -72,7 +74,7 @@ def test_fid_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, standin, tmp_path)
         Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(real / f"{i}.png")
     common = ["--inception", standin, "--cpu"]
     run_cli("fid-ref", real, "--out", tmp_path / "ref.npz", "--resolution", 64, *common)
-    out = run_cli("fid", tiny_checkpoint, "--ref", tmp_path / "ref.npz", "--num", 4, "--vae-preset", "tiny", *common)
+    out = run_cli("fid", tiny_checkpoint, "--ref", tmp_path / "ref.npz", "--num", 4, "--weights", "tiny", *common)
     samples = sorted(tiny_checkpoint.parent.glob("*.npz"))
     assert [p.name for p in samples] == [GenerateConfig(str(tiny_checkpoint), num=4, vae_preset="tiny").out_path.name]
     assert samples[0].name.startswith("0000100-sde250-cfg2.3-seed0-4-")  # beside the checkpoint; tiny VAE hashed

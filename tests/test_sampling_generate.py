@@ -18,7 +18,7 @@ from reglue.trainer.sampling import SamplerConfig
 
 # A REGLUE-shaped tiny model: 4 latent + 4 feature channels, CLS 16, latent 8 (64 px with the tiny VAE).
 KWARGS = dict(input_size=8, in_channels=8, num_classes=10, cls_dim=16, z_dims=(16,))
-FAST = ["--num-steps", "3", "--vae-preset", "tiny", "--cpu", "--grid", "4"]
+FAST = ["--num-steps", "3", "--weights", "tiny", "--cpu", "--grid", "4"]
 
 
 def tiny_sit(seed: int = 0):

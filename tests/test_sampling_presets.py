@@ -42,5 +42,5 @@ def test_sample_and_fid_sample_with_the_preset(monkeypatch, tmp_path):
     assert (seen[-1].sampler, seen[-1].num) == resolve_preset(DEFAULT_PRESET)
     assert run("fid", "ckpt.pt", "--ref", "ref.npz", "--preset", "paper-nocfg", "--num", 5).exit_code == 0
     assert seen[-1].sampler.cfg_scale == 1.0 and seen[-1].num == 5
-    result = run("sample", "ckpt.pt", "--preset", "bogus")
-    assert result.exit_code == 1 and "unknown sampling preset 'bogus'" in result.output
+    result = run("sample", "ckpt.pt", "--preset", "bogus")  # a choice: refused in one line that lists the presets
+    assert result.exit_code == 2 and "'bogus' is not one of" in result.output and "paper-xl-160ep" in result.output

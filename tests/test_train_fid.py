@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from reglue.cli import app
 from reglue.trainer.evaluate import RefConfig, reference_stats
-from reglue.trainer.inception import INCEPTION_FILE, save_standin
-from reglue.trainer.loop import TrainConfig, train
+from reglue.trainer.inception import INCEPTION_FILE
+from reglue.trainer.loop import train
 from reglue.trainer.runfolder import RUN_CONTROL
 from reglue.weights import WeightsUnavailable
 
@@ -24,10 +24,10 @@ STEPS = 5
 
 
 @pytest.fixture(scope="module")
-def fid_files(caches, tmp_path_factory):
+def fid_files(caches, tmp_path_factory, standin_inception):
     """The stand-in Inception and reference statistics of 8 of the cache's source images."""
     root = tmp_path_factory.mktemp("fid")
-    inception = save_standin(root / INCEPTION_FILE)
+    inception = standin_inception
     images = Path(caches["bare"]).parent / "images"
     ref = reference_stats(RefConfig(str(images), str(root / "ref.npz"), resolution=64, num=8,
                                     inception=str(inception), batch_size=8, cpu=True))
@@ -55,9 +55,11 @@ def test_fid_is_logged_and_leaves_training_unchanged(caches, fid_files, tmp_path
     assert {"fid_every", "fid_num", "fid_ref", "inception"} <= set(RUN_CONTROL)  # so FID can be turned on later
 
 
-def test_fid_inputs_fail_early(caches, fid_files, tmp_path):
-    with pytest.raises(ValueError, match="fid_every needs fid_ref"):
-        TrainConfig(caches["bare"], str(tmp_path), fid_every=10)
+def test_fid_inputs_fail_early(caches, fid_files, tmp_path, monkeypatch):
+    monkeypatch.delenv("REGLUE_FID_REF", raising=False)
+    # no fid_ref: the ADM batch for the cache's resolution, and a 64 px, 4-class cache has none
+    with pytest.raises(ValueError, match="no reference batch for a model of 4 classes.*reglue fid-ref"):
+        train(fid_config(caches, tmp_path / "run", {**fid_files, "fid_ref": None}, fid_every=2))
     missing = {**fid_files, "inception": str(tmp_path / "nowhere" / INCEPTION_FILE)}
     with pytest.raises(WeightsUnavailable, match="REGLUE_INCEPTION_WEIGHTS"):
         train(fid_config(caches, tmp_path / "run", missing, fid_every=2))
@@ -71,8 +73,8 @@ def test_cli_fid_options(caches, fid_files, tmp_path):
     result = CliRunner().invoke(app, [*args, "--fid-every", "500", "--fid-num", "5000",
                                       "--fid-ref", fid_files["fid_ref"], "--inception", fid_files["inception"]])
     assert result.exit_code == 0, result.output
-    resolved = json.loads(result.output[result.output.index("{"):])["config"]
+    resolved = json.loads(result.stdout)["config"]
     assert (resolved["fid_every"], resolved["fid_num"]) == (500, 5000)
     assert (resolved["fid_ref"], resolved["inception"]) == (fid_files["fid_ref"], fid_files["inception"])
-    result = CliRunner().invoke(app, [*args, "--fid-every", "500"])
-    assert result.exit_code == 1 and "fid_every needs fid_ref" in result.output
+    result = CliRunner().invoke(app, [*args, "--fid-every", "500"])  # the reference is found when training starts
+    assert result.exit_code == 0 and json.loads(result.stdout)["config"]["fid_ref"] is None

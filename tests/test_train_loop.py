@@ -69,7 +69,7 @@ def log(run):
 
 
 def losses(run):
-    return [{k: v for k, v in line.items() if k not in ("img_per_s",)} for line in log(run)]
+    return [{k: v for k, v in line.items() if k not in ("img_per_s", "time")} for line in log(run)]
 
 
 def cli_train(cache, out, *extra, env=ENV):
@@ -205,8 +205,8 @@ def test_xl_runs_with_features_warn_when_the_lambda_schedule_is_off(caches, tmp_
                      "--dry-run")[3:]
     result = CliRunner().invoke(app, args)  # a later --model overrides cli_train's tiny one
     assert result.exit_code == 0, result.output
-    assert "\nwarning: SiT-XL/4 with method reglue" in result.output and "--xl-lam-schedule" in result.output
-    assert json.loads(result.output[result.output.index("{"):])["config"]["window"] == 512
+    assert "warning: SiT-XL/4 with method reglue" in result.stderr and "--xl-lam-schedule" in result.stderr
+    assert json.loads(result.stdout)["config"]["window"] == 512  # stdout is the JSON alone: a --config file
     result = CliRunner().invoke(app, [*args, "--xl-lam-schedule"])
     assert result.exit_code == 0 and "warning" not in result.output
 
@@ -230,7 +230,7 @@ RECIPE_LINES = {  # SiT-tiny/2 aligns after block 1
 def test_dry_run_prints_each_methods_own_recipe(caches, tmp_path, capsys):
     for method, (precision, clip, flip, line) in RECIPE_LINES.items():
         resolved = train(config(caches["full"], tmp_path, method=method, precision=None), dry_run=True)
-        out = capsys.readouterr().out
+        out = capsys.readouterr().err  # the recipe and notes go to stderr: stdout is the JSON alone
         assert out.startswith(line), out
         assert (resolved["recipe"]["precision"], resolved["recipe"]["grad_clip"], resolved["recipe"]["flip"]) == \
             (precision, clip, flip)
@@ -240,7 +240,7 @@ def test_dry_run_prints_each_methods_own_recipe(caches, tmp_path, capsys):
     result = CliRunner().invoke(app, cli_train(caches["full"], tmp_path, "--method", "reglue", "--precision", "fp16",
                                                "--grad-clip", "0", "--encoder-depth", "2", "--dry-run")[3:])
     assert result.exit_code == 0, result.output
-    resolved = json.loads(result.output[result.output.index("{"):])
+    resolved = json.loads(result.stdout)
     assert resolved["recipe"]["precision"] == "fp16" and resolved["recipe"]["grad_clip"] is None
     assert resolved["model_kwargs"]["encoder_depth"] == 2 and "no grad clipping" in result.output
 

@@ -131,10 +131,12 @@ def save_snapshot(path: str | os.PathLike, model: SiT, **config) -> Path:
 
 def load_model(path: str | os.PathLike) -> tuple[SiT, ModelInfo]:
     """The EMA weights of our snapshot / training checkpoint folder or of an official checkpoint,
-    strictly loaded into an eval-mode SiT on the CPU, and what they are."""
+    strictly loaded into an eval-mode SiT on the CPU, and what they are. `path` may name a checkpoint on the
+    Hugging Face Hub (hf://owner/repo/file or owner/repo; trainer.hub)."""
+    from reglue.trainer.hub import resolve_checkpoint
     from reglue.trainer.statefiles import DamagedState, verify
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if path.is_dir():
         if problem := verify(path, [EMA_FILE]):
             raise DamagedState(f"checkpoint {path} is damaged ({problem}); use another checkpoint or snapshot")

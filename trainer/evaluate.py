@@ -21,12 +21,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from reglue.trainer.inception import Inception
+from reglue.trainer.inception import Inception, inception_file
 from reglue.trainer.metrics import (
     FeatureStats,
     Reference,
@@ -45,6 +46,42 @@ PROTOCOL = {
     "precision": "ADM k=3 manifold estimator, float16 distances",
     "recall": "ADM k=3 manifold estimator, float16 distances",
 }
+
+
+# ---- the ADM reference batches ------------------------------------------------------------------
+
+ADM_REFS = {256: "VIRTUAL_imagenet256_labeled.npz", 512: "VIRTUAL_imagenet512.npz"}
+"""The ADM evaluator's ImageNet reference batches by resolution (guided-diffusion evaluations/README.md)."""
+ADM_REF_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/{resolution}/{name}"
+ADM_CLASSES = 1000
+FID_REF_ENV = "REGLUE_FID_REF"
+"""A reference npz, or a folder holding the ADM batches (what `reglue download` prints)."""
+
+
+def reference_file(ref: str | None, resolution: int, num_classes: int | None, download: bool = True) -> Path:
+    """Reference statistics for samples of `resolution` px from a model of `num_classes` classes (None:
+    unknown): `ref`, else $REGLUE_FID_REF (a file, or a folder holding the ADM batch), else the ADM batch
+    for that resolution in reglue's cache folder, downloaded once from its official source."""
+    from reglue.weights import find_file
+
+    given = ref or os.environ.get(FID_REF_ENV)
+    name = ADM_REFS.get(resolution) if num_classes in (None, ADM_CLASSES) else None
+    if given and not Path(given).is_dir():
+        if not Path(given).is_file():
+            raise FileNotFoundError(f"reference statistics {given} not found; pass the ADM reference batch "
+                                    f"({name or ADM_REFS[256]}) or make one with `reglue fid-ref`")
+        adm = {v: k for k, v in ADM_REFS.items()}.get(Path(given).name)
+        if adm is not None and adm != resolution:
+            raise ValueError(f"{given} is the ADM reference batch for {adm} px but the samples are {resolution} px; "
+                             f"pass {name or 'reference statistics of your images (`reglue fid-ref`)'} instead")
+        return Path(given)
+    if name is None:
+        what = f"{resolution} px" if num_classes in (None, ADM_CLASSES) else f"a model of {num_classes} classes"
+        raise ValueError(f"the ADM protocol has no reference batch for {what} (only ImageNet at 256 and 512 px): "
+                         f"build one from your images with `reglue fid-ref IMAGES --out ref.npz --resolution "
+                         f"{resolution}` and pass --ref ref.npz (or set {FID_REF_ENV})")
+    return find_file(name, ADM_REF_URL.format(resolution=resolution, name=name), given=given, env=FID_REF_ENV,
+                     option="--ref", what=f"ADM reference batch (ImageNet {resolution} px)", download=download)
 
 
 def default_device(cpu: bool = False) -> torch.device:
@@ -90,6 +127,7 @@ def features(inception: Inception, batches: Iterator[np.ndarray], total: int, sp
             rows.append(pool if keep is None else pool[keep[(keep >= seen) & (keep < seen + len(pool))] - seen])
             seen += len(pool)
             bar.update(len(batch))
+        bar.update(total - bar.n)  # undecodable files are left out of a folder's batches: the bar still ends full
     out.rows = np.concatenate([out.rows, *rows])
     return out
 
@@ -102,8 +140,10 @@ class FidConfig:
 
     samples: str
     """Sample batch `.npz` with `arr_0` uint8 [N,H,W,3] (what `reglue sample` writes)."""
-    ref: str
-    """Reference npz: the ADM batch (VIRTUAL_imagenet256_labeled.npz) or `reglue fid-ref` output."""
+    ref: str | None = None
+    """Reference npz: the ADM batch or `reglue fid-ref` output; default $REGLUE_FID_REF, then the ADM batch
+    for the samples' resolution (VIRTUAL_imagenet256_labeled.npz at 256 px) from reglue's cache folder,
+    downloaded once."""
     inception: str | None = None
     """inception-2015-12-05.pt (file or folder); default $REGLUE_INCEPTION_WEIGHTS, then the cache."""
     batch_size: int = 100
@@ -120,7 +160,9 @@ class FidConfig:
 
 def evaluate(cfg: FidConfig) -> dict:
     """All metrics of cfg.samples; writes the JSON and returns it (with a one-line `summary`)."""
-    n, ref = check_images(cfg.samples)[0], load_reference(cfg.ref)  # uint8 NHWC RGB, else one line
+    shape = check_images(cfg.samples)  # uint8 NHWC RGB, else one line
+    cfg = replace(cfg, ref=str(reference_file(cfg.ref, shape[1], None)))
+    n, ref = shape[0], load_reference(cfg.ref)
     device = default_device(cfg.cpu)
     inception = Inception(cfg.inception, device)
     skipped = _not_computed(cfg, ref, n)
@@ -141,6 +183,7 @@ def evaluate(cfg: FidConfig) -> dict:
     result["summary"] = summary_line(n, metrics, Path(cfg.ref).name)
     out = Path(cfg.out) if cfg.out else Path(cfg.samples).with_suffix(".metrics.json")
     out.write_text(json.dumps(result, indent=1))
+    result["file"] = str(out)
     return result
 
 
@@ -149,11 +192,22 @@ def evaluate_source(cfg: FidConfig, generate_cfg=None) -> dict | None:
     into its npz, then score it on the main process (others return None)."""
     from accelerate import PartialState
 
+    from reglue.trainer.checkpoints import load_model
     from reglue.trainer.generate import generate
 
+    state = PartialState()
+    # The reference and the Inception are found (or downloaded, once per node) before any sampling.
+    with state.local_main_process_first():
+        if generate_cfg is None:
+            resolution, classes = npz_shape(cfg.samples)[1], None
+        else:
+            _, info = load_model(generate_cfg.checkpoint)
+            resolution, classes = info.resolution, info.num_classes
+        cfg = replace(cfg, ref=str(reference_file(cfg.ref, resolution, classes)),
+                      inception=str(inception_file(cfg.inception)))
     if generate_cfg is not None:
         cfg = replace(cfg, samples=str(generate(generate_cfg)))
-    return evaluate(cfg) if PartialState().is_main_process else None
+    return evaluate(cfg) if state.is_main_process else None
 
 
 def _not_computed(cfg: FidConfig, ref: Reference, n: int) -> dict:
@@ -198,7 +252,7 @@ class RefConfig:
     """inception-2015-12-05.pt, as for `reglue fid`."""
     vae: str = "stabilityai/sd-vae-ft-ema"
     """Decoder for a cache source (the samples' decoder, so that both sides are decoded alike)."""
-    vae_preset: str = "real"
+    vae_preset: Literal["real", "tiny"] = "real"
     """"real" or "tiny" (tests)."""
     batch_size: int = 100
     """Images per batch."""

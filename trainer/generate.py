@@ -26,6 +26,7 @@ import shutil
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -97,29 +98,31 @@ class GenerateConfig:
     """`reglue sample`: what to generate and where."""
 
     checkpoint: str
-    """Our snapshot / training checkpoint, or an official REGLUE checkpoint."""
+    """Our snapshot / training checkpoint, an official REGLUE checkpoint, or one on the Hugging Face Hub
+    (hf://owner/repo/file.pt, or owner/repo holding one checkpoint; downloaded once, trainer.hub)."""
     out: str | None = None
     """Output `.npz`; default `<checkpoint stem>-<mode><steps>-cfg<scale>-seed<seed>-<num>[-<hash>].npz` beside
-    it, the hash of the other settings that change pixels when any differs from its default."""
+    it (in the current folder for a Hub checkpoint), the hash of the other settings that change pixels when
+    any differs from its default."""
     num: int = 50_000
     """Number of images (ADM protocol: 50K)."""
     batch_size: int = 64
     """Samples per model batch per process (eval.sh: 64); guidance doubles the forward batch."""
     seed: int = 0
     """Global seed; sample i depends on (seed, i) only."""
-    labels: str = "random"
+    labels: Literal["random", "balanced"] = "random"
     """"random" (the reference: uniform labels) or "balanced" (index % num_classes, 50 per class at 50K)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """Sampler and guidance settings (defaults: the `eval-sh` preset, the released eval.sh)."""
     vae: str = DECODE_VAE
     """VAE used to decode (HF id or local folder)."""
-    vae_preset: str | None = None
+    vae_preset: Literal["real", "tiny"] | None = None
     """"real" weights, or "tiny" random weights (tests only); None: the preset of the cache the model was
     trained on, from its snapshot's metadata (official checkpoints: real)."""
     png_dir: str | None = None
     """Also write `<png_dir>/<index:06d>.png` (the reference's naming)."""
     grid: int = 64
-    """Write a grid image of the first `grid` samples beside the npz (0 = none)."""
+    """Write a grid image of the first `grid` samples beside the npz, `<out>.grid.png` (0 = none)."""
     part_size: int = 1024
     """Samples per resumable part file; a multiple of batch_size."""
     cpu: bool = False
@@ -136,7 +139,10 @@ class GenerateConfig:
     def out_path(self) -> Path:
         if self.out:
             return Path(self.out)
-        s, ckpt = self.sampler, Path(self.checkpoint)
+        from reglue.trainer.hub import is_hub_source, local_name
+
+        s = self.sampler
+        ckpt = Path(local_name(self.checkpoint)) if is_hub_source(self.checkpoint) else Path(self.checkpoint)
         name = f"{ckpt.stem}-{s.mode}{s.num_steps}-cfg{s.cfg_scale:g}-seed{self.seed}-{self.num}"
         other = self._other_pixel_settings()
         if other != GenerateConfig(checkpoint=self.checkpoint)._other_pixel_settings():
@@ -167,9 +173,10 @@ def checkpoint_sha256(path: str | Path) -> str:
     """sha256 of the weights sampled: a snapshot file's, or a training checkpoint folder's ema.pt (which
     must match its manifest)."""
     from reglue.trainer.checkpoints import EMA_FILE
+    from reglue.trainer.hub import resolve_checkpoint
     from reglue.trainer.statefiles import DamagedState, manifest, sha256, verify
 
-    path = Path(path)
+    path = resolve_checkpoint(path)  # a Hub checkpoint: its cached copy (downloaded once)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir():
@@ -195,6 +202,10 @@ def recorded(out: Path) -> dict | None:
 def _differences(there: dict, here: dict, skip: tuple[str, ...] = ()) -> list[str]:
     return [f"{k}: {there.get(k)!r} there, {here.get(k)!r} now" for k in here
             if k not in skip and k != "checkpoint" and there.get(k) != here.get(k)]
+
+    @property
+    def grid_path(self) -> Path | None:
+        return self.out_path.with_suffix(".grid.png") if self.grid else None
 
 
 def generate(cfg: GenerateConfig) -> Path:
@@ -222,6 +233,9 @@ def generate(cfg: GenerateConfig) -> Path:
     model, info = load_model(cfg.checkpoint)
     sampler = replace(cfg.sampler, path=info.method.path)  # the SDE's score follows the model's training path
     vae = weights.load_vae(cfg.vae, cfg.vae_preset or weights_preset(info))
+    if vae.config.latent_channels != info.latent_channels:
+        raise ValueError(f"VAE {cfg.vae} has {vae.config.latent_channels} latent channels but {cfg.checkpoint} was "
+                         f"trained on {info.latent_channels}; pass the VAE its cache was made with (--vae)")
     model, vae = model.to(acc.device), vae.to(acc.device)
     if acc.is_main_process:
         _claim_parts_dir(parts, record)
@@ -303,24 +317,35 @@ def _merge(parts: Path, out: Path, cfg: GenerateConfig, record: dict) -> None:
             with np.load(f) as z:
                 yield z[key]
 
-    if cfg.grid:
-        save_grid(next(column("images"))[:cfg.grid], out.with_suffix(".grid.png"))
     text = np.array([json.dumps(record)])
     write_npz(out, {"arr_0": ((cfg.num, *hw), np.uint8, column("images")),
                     "arr_1": ((cfg.num,), np.int64, column("labels")),
                     "config": (text.shape, text.dtype, [text])})
+    if cfg.grid:  # the first `grid` samples, across as many parts as they span
+        first, need = [], cfg.grid
+        for images in column("images"):
+            first.append(images[:need])
+            need -= len(first[-1])
+            if need <= 0:
+                break
+        save_grid(np.concatenate(first), cfg.grid_path)
     shutil.rmtree(parts)
 
 
-def save_grid(images: np.ndarray, path: str | Path) -> Path:
-    """Tile uint8 [N,H,W,3] images into a near-square grid PNG."""
-    from PIL import Image
-
+def tile(images: np.ndarray) -> np.ndarray:
+    """Tile uint8 [N,H,W,3] images into one near-square grid image (uint8 HWC), row by row."""
     n, h, w, _ = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     canvas = np.zeros((rows * h, cols * w, 3), np.uint8)
     for i, img in enumerate(images):
         canvas[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
-    Image.fromarray(canvas).save(path)
+    return canvas
+
+
+def save_grid(images: np.ndarray, path: str | Path) -> Path:
+    """Tile uint8 [N,H,W,3] images into a near-square grid PNG."""
+    from PIL import Image
+
+    Image.fromarray(tile(images)).save(path)
     return Path(path)

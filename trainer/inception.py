@@ -20,7 +20,6 @@ Outputs, all float32:
 from __future__ import annotations
 
 import os
-import urllib.request
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -35,44 +34,17 @@ INCEPTION_ENV = "REGLUE_INCEPTION_WEIGHTS"
 SPATIAL_CHANNELS = 7  # ADM evaluator.py: spatial[..., :7]
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "reglue"
-
-
 def inception_file(path: str | os.PathLike | None = None, download: bool = True) -> Path:
     """Where `inception-2015-12-05.pt` is: `path` (the file or its folder), else `$REGLUE_INCEPTION_WEIGHTS`,
-    else the reglue cache folder, where it is downloaded (atomically) when missing and `download`."""
-    from reglue.weights import WeightsUnavailable
+    else reglue's cache folder, where it is downloaded (atomically) when missing and `download`."""
+    from reglue.weights import find_file
 
-    given = path or os.environ.get(INCEPTION_ENV)
-    file = Path(given).expanduser() if given else default_cache_dir() / INCEPTION_FILE
-    if file.is_dir():
-        file = file / INCEPTION_FILE
-    if file.is_file():
-        if file.name != INCEPTION_FILE:  # clean-fid's InceptionV3W takes a folder and this name
-            raise ValueError(f"{file}: the Inception TorchScript must be named {INCEPTION_FILE}")
-        return file
-    if not given and download:
-        try:
-            _download(INCEPTION_URL, file)
-            return file
-        except OSError as err:
-            reason = f"the download failed ({err})"
-    else:
-        reason = "it is not there"
-    raise WeightsUnavailable(
-        f"Inception weights {file} not found: {reason}. This is NVIDIA's TorchScript translation of "
-        f"the TF Inception used by the ADM evaluator; get {INCEPTION_URL} and pass its path with "
-        f"--inception, or set {INCEPTION_ENV}, or put it at {default_cache_dir() / INCEPTION_FILE}.")
-
-
-def _download(url: str, file: Path) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    part = file.with_name(file.name + ".part")
-    with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
-        while chunk := response.read(1 << 20):
-            out.write(chunk)
-    os.replace(part, file)  # a half-written file is never left under the final name
+    file = find_file(INCEPTION_FILE, INCEPTION_URL, given=path, env=INCEPTION_ENV, option="--inception",
+                     what="Inception weights (NVIDIA's TorchScript of the ADM evaluator's TF Inception)",
+                     download=download)
+    if file.name != INCEPTION_FILE:  # clean-fid's InceptionV3W takes a folder and this name
+        raise ValueError(f"{file}: the Inception TorchScript must be named {INCEPTION_FILE}")
+    return file
 
 
 def tf1_resize_normalize(images: torch.Tensor) -> torch.Tensor:

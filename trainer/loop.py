@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -30,6 +31,7 @@ from reglue.trainer.checkpoints import save_snapshot, snapshot_payload
 from reglue.trainer.data import CacheLoader, layers_for, prepare_batch, required_arrays
 from reglue.trainer.draws import RANDOM, Draws
 from reglue.trainer.ema import EMA
+from reglue.trainer.generate import DECODE_VAE
 from reglue.trainer.inception import Inception
 from reglue.trainer.metrics import Reference, load_reference
 from reglue.trainer.models import SiT, count_parameters, preset_kwargs
@@ -41,6 +43,8 @@ from reglue.trainer.runfolder import (
     append_log,
     check_same_encoder,
     check_same_run,
+    checkpoint_step,
+    default_run_folder,
     hms,
     hold_run,
     load_checkpoint,
@@ -52,6 +56,7 @@ from reglue.trainer.runfolder import (
     resolved_config,
     resume,
     rewind_log,
+    run_outputs,
     save_checkpoint,
 )
 
@@ -66,8 +71,10 @@ class TrainConfig:
 
     cache: str
     """URL or path of the feature cache (`reglue extract`)."""
-    out: str
-    """Run folder; rerunning with the same folder resumes from its latest checkpoint."""
+    out: str = ""
+    """Run folder; rerunning with the same folder resumes from its latest checkpoint. Default
+    runs/<method>-<model>-<cache name> (plus -from-<checkpoint> with init_from): the same command resumes
+    the same run, and another method, model or cache never lands in it."""
     method: str = "reglue"
     """sit | repa | reg | redi | reglue (trainer.objective.METHODS)."""
     model: str = "SiT-B/2"
@@ -124,6 +131,9 @@ class TrainConfig:
     classes, the paper's SDE sampler, decoded with the ft-EMA VAE); 0 = never (then no VAE is loaded)."""
     sample_steps: int = 250
     """SDE steps of the grid sampler (eval.sh: 250)."""
+    vae: str = DECODE_VAE
+    """Decoding VAE of the grids and of FID during training (HF id or local diffusers folder); the reference
+    decodes with ft-EMA (generate.py --vae ema), as `reglue sample` does."""
     fid_every: int = 0
     """Steps between FID-Nk evaluations of the EMA on every process (trainer.evaluate.fid_during_training:
     `reglue sample`'s per-sample seeds, balanced labels); 0 = never (then no reference or Inception is loaded)."""
@@ -131,8 +141,8 @@ class TrainConfig:
     """Samples per FID evaluation, split over the processes (logged as FID-10K; FID is biased upward at
     small N, so compare only values of equal N)."""
     fid_ref: str | None = None
-    """Reference statistics npz: the ADM batch (VIRTUAL_imagenet256_labeled.npz) or `reglue fid-ref` output;
-    needed when fid_every > 0."""
+    """Reference statistics npz for FID during training: `reglue fid-ref` output or an ADM batch; default
+    $REGLUE_FID_REF, then the ADM batch for the cache's resolution, found as `reglue fid` finds it."""
     inception: str | None = None
     """inception-2015-12-05.pt (file or folder) for FID; default $REGLUE_INCEPTION_WEIGHTS, then the reglue
     cache folder, as `reglue fid`."""
@@ -155,7 +165,15 @@ class TrainConfig:
     """Method redi: use this PCA instead of fitting one: ReDi's released pcs/dino_pca_model.pth or a
     reglue pca.safetensors."""
     trackers: tuple[str, ...] = ("tensorboard",)
-    """Accelerate trackers: any of tensorboard, wandb (needs `pip install wandb`); () for none."""
+    """Trackers, comma-separated: tensorboard (RUN/tensorboard), wandb (needs `pip install wandb`; project
+    $WANDB_PROJECT or reglue, run named after the run folder); empty for none. Each gets the resolved
+    config, the losses, lr and img/s, the sample grids and FID."""
+    init_from: str | None = None
+    """Start a new run from this checkpoint's EMA weights (our snapshot or checkpoint folder, an official
+    REGLUE checkpoint, or hf://owner/repo/file): model and EMA start from them, the optimizer and the step
+    count from scratch. The model the config builds must be the checkpoint's. Used only at step 0."""
+    cpu: bool = False
+    """Train on the CPU even when a GPU is present (tests)."""
 
     def __post_init__(self):
         self.betas, self.trackers = tuple(self.betas), tuple(self.trackers)
@@ -184,6 +202,8 @@ class TrainConfig:
         if self.fid_every and not self.fid_ref:
             raise ValueError("fid_every needs fid_ref: reference statistics from `reglue fid-ref` or the ADM "
                              "reference batch (VIRTUAL_imagenet256_labeled.npz)")
+        if not self.out:
+            self.out = default_run_folder(self.cache, self.method, self.model, self.init_from)
         if self.fid_num < 2:
             raise ValueError(f"fid_num must be >= 2 (a covariance needs 2 samples); got {self.fid_num}")
         if self.micro_batch is not None and (self.micro_batch <= 0 or self.global_batch % self.micro_batch):
@@ -303,41 +323,51 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
 
     # 1. Cache and plan: every dimension from the cache's meta, the method, its recipe and the preset.
     run = Path(cfg.out)
-    state = PartialState(cpu=not torch.cuda.is_available())  # the process count; no precision chosen yet
+    state = PartialState(cpu=cfg.cpu or not torch.cuda.is_available())  # the process count; no precision yet
     say = state.print
     cache = Cache.open(cfg.cache)
     plan = make_plan(cfg, cache, state.num_processes)
-    say(recipe_line(plan))
-    for line in (xl_lam_warning(cfg, plan.method),
+    for line in (recipe_line(plan), xl_lam_warning(cfg, plan.method),
                  encoder_note(plan.method.name, plan.recipe, cache.meta, plan.method.uses_dino)):
-        if line:
-            say(line)
+        if line and state.is_main_process:
+            print(line, file=sys.stderr)  # stdout of --dry-run is the JSON alone, a --config file
     if dry_run:
         resolved = resolved_config(cfg, plan, count_parameters(cfg.model, **plan.model_kwargs))
         say(json.dumps(resolved, indent=2, default=str))
         return resolved
 
     # 2. The run folder, checked before anything is written (--out a file or a folder of other things, a
-    # run of another config), then locked (a second `reglue train` on it stops here, in seconds); the
-    # Accelerator in the recipe's precision; config.json, the folder's mark as a run folder.
+    # run of another config), then locked (a second `reglue train` on it stops here, in seconds); a run
+    # already at max_steps says so; the Accelerator in the recipe's precision; config.json, the folder's
+    # mark as a run folder.
+    say(f"run folder: {run}")
     refuse_foreign(run)
     check_same_run(run, cfg, plan.recipe)
     check_same_encoder(run, cache)
     take_folder(state, run)
     resolved = resolved_config(cfg, plan, count_parameters(cfg.model, **plan.model_kwargs))
+    ckpt = newest_intact(run)
+    if ckpt is not None and checkpoint_step(ckpt) >= cfg.max_steps:
+        say(f"already done: {run} is at step {checkpoint_step(ckpt)} of {cfg.max_steps}; {run_outputs(run)} "
+            "(raise --max-steps to train on)")
+        if state.is_main_process:
+            release_run(run)
+        return resolved
     precision = plan.recipe.precision
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision={"fp32": "no"}.get(precision, precision),
-        log_with=list(cfg.trackers) or None, project_dir=str(run),
+        cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision={"fp32": "no"}.get(precision, precision),
+        log_with=make_trackers(cfg, run) or None, project_dir=str(run),
         dynamo_backend="inductor" if cfg.compile else "no")
     if cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if accelerator.is_main_process:
         (run / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
 
-    # 3. Model, EMA (a copy), optimizer, loader; PCA for ReDi; what the grids and FID need.
+    # 3. Model (or the --init-from weights), EMA (a copy), optimizer, loader; PCA for ReDi; grids and FID inputs.
     set_seed(cfg.seed)  # model init only; every step reseeds (micro_seed)
     model = SiT(**plan.model_kwargs).train()
+    if cfg.init_from and ckpt is None:  # a new run from another's weights; a resumed one has its own
+        say(init_weights(model, cfg.init_from, plan))
     ema = EMA(model, cfg.ema_decay).to(accelerator.device)
     optimizer = make_optimizer(cfg, model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -347,9 +377,9 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     progress = Progress()
     pca = load_or_fit_pca(run, cache, plan.method, cfg.pca_samples, accelerator, cfg.pca_file)
     # Evaluation inputs fail early (a missing VAE, reference or Inception file), not at the first grid or FID.
-    vae = (load_grid_vae(cache, accelerator.device)
+    vae = (load_grid_vae(cfg, cache, accelerator.device)
            if cfg.fid_every or (cfg.sample_every and accelerator.is_main_process) else None)
-    fid_inputs = load_fid_inputs(cfg, accelerator) if cfg.fid_every else None
+    fid_inputs = load_fid_inputs(cfg, cache, accelerator) if cfg.fid_every else None
 
     # 4. Resume from the newest intact checkpoint (its manifest verified first; no pickled code is read).
     progress.step = resume(accelerator, run, lambda ckpt: load_checkpoint(
@@ -359,7 +389,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     start = progress.step
     if accelerator.is_main_process:
         rewind_log(run / "log.jsonl", start)
-    accelerator.init_trackers("tensorboard")
+    accelerator.init_trackers(tracker_project(), config=tracker_config(resolved))
 
     # What the snapshots record: the cache facts and the training config (`reglue export` reads both).
     snapshot_meta = {**plan.meta_summary, "latent_channels": cache.meta.latent_channels,
@@ -382,15 +412,18 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
             raise_if_non_finite(accelerator, bad_step, run)
         # 5.2 Report: the loop's other host sync.
         if due(cfg.log_every):
-            timer = report(accelerator, run, cfg, sums, step, timer, loader.epoch)
+            timer = report(accelerator, run, cfg, sums, step, timer, loader.epoch, optimizer.param_groups[0]["lr"])
             sums.zero_()
-        # 5.3 FID-Nk of the EMA, every process sampling its share; its time is left out of the next img/s.
+        # 5.3 FID-Nk of the EMA, every process sampling its share, and 5.4 the sample grid; their time is
+        # left out of the next img/s.
+        t0 = time.perf_counter()
         if due(cfg.fid_every):
-            seconds = log_fid(accelerator, run, cfg, ema.model, vae, fid_inputs, cache.meta, step)
-            timer = (timer[0] + seconds, timer[1])
-        # 5.4 Sample grid and EMA snapshot, for watching and for sampling.
+            log_fid(accelerator, run, cfg, ema.model, vae, fid_inputs, cache.meta, step)
         if due(cfg.sample_every) and accelerator.is_main_process:
-            save_sample_grid(run / "samples" / f"grid-{step:07d}.png", ema.model, vae, cache.meta, cfg)
+            grid = save_sample_grid(run / "samples" / f"grid-{step:07d}.png", ema.model, vae, cache.meta, cfg)
+            log_image(accelerator, "samples/grid", grid, step)
+        timer = (timer[0] + time.perf_counter() - t0, timer[1])
+        # 5.4 EMA snapshot, for sampling.
         if due(cfg.snapshot_every) and accelerator.is_main_process:
             save_snapshot(run / "snapshots" / f"ema-{step:07d}.safetensors", ema.model, model_kwargs=plan.model_kwargs,
                           method=plan.method, step=step, meta=snapshot_meta)
@@ -416,6 +449,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     accelerator.end_training()
     if accelerator.is_main_process:
         release_run(run)
+    say(f"trained {run} to step {progress.step}: {run_outputs(run)}")
     return resolved
 
 
@@ -454,24 +488,94 @@ def train_step(accelerator, model, optimizer, raw: dict, make_batch: Callable[[d
 
 # ---- helpers of the loop ------------------------------------------------------------------------
 
-def load_grid_vae(cache: Cache, device: torch.device):
-    """The decoding VAE of `reglue sample` (ft-EMA), in the cache's weights preset."""
-    from reglue.trainer.generate import DECODE_VAE
+def init_weights(model: SiT, source: str, plan: Plan) -> str:
+    """Load the EMA weights of `source` into the fresh `model` (train --init-from); refuse another model."""
+    from reglue.trainer.checkpoints import load_model
+
+    start, info = load_model(source)
+    plain = lambda v: json.loads(json.dumps(v, default=list))
+    diff = [f"{k}: {info.model_kwargs[k]!r} there, {v!r} here" for k, v in plan.model_kwargs.items()
+            if k in info.model_kwargs and plain(info.model_kwargs[k]) != plain(v)]
+    try:
+        if diff:
+            raise ValueError("; ".join(diff))
+        model.load_state_dict(start.state_dict(), strict=True)
+    except (ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"--init-from {source} holds another model than this run builds ({first}); use its "
+                         "method, model and a cache of the same encoders") from None
+    return f"initialized from {source} (its EMA at step {info.step}; the optimizer and step count start afresh)"
+
+
+def load_grid_vae(cfg: TrainConfig, cache: Cache, device: torch.device):
+    """The decoding VAE of the grids and FID (cfg.vae, ft-EMA by default), in the cache's weights preset."""
     from reglue.weights import load_vae
-    return load_vae(DECODE_VAE, preset=cache.meta.encoders["preset"]).to(device)
+    vae = load_vae(cfg.vae, preset=cache.meta.encoders["preset"])
+    if vae.config.latent_channels != cache.meta.latent_channels:
+        raise ValueError(f"VAE {cfg.vae} has {vae.config.latent_channels} latent channels, the cache "
+                         f"{cfg.cache} {cache.meta.latent_channels}; pass the VAE it was made with (--vae)")
+    return vae.to(device)
 
 
-def load_fid_inputs(cfg: TrainConfig, accelerator) -> tuple[Reference, Inception]:
-    """(reference statistics, Inception) for FID during training, on every process."""
-    reference = load_reference(cfg.fid_ref)
-    with accelerator.local_main_process_first():  # a missing Inception is downloaded once per node
-        return reference, Inception(cfg.inception, accelerator.device)
+def load_fid_inputs(cfg: TrainConfig, cache: Cache, accelerator) -> tuple[Reference, Inception]:
+    """(reference statistics, Inception) for FID during training, on every process; the reference is found as
+    `reglue fid` finds it (fid_ref, $REGLUE_FID_REF, the ADM batch for the cache's resolution)."""
+    from reglue.trainer.evaluate import reference_file
+
+    with accelerator.local_main_process_first():  # a missing file is downloaded once per node
+        ref = reference_file(cfg.fid_ref, cache.meta.resolution, cache.meta.num_classes)
+        return load_reference(ref), Inception(cfg.inception, accelerator.device)
+
+
+def make_trackers(cfg: TrainConfig, run: Path) -> list:
+    """Tracker objects: TensorBoard in RUN/tensorboard; wandb in project $WANDB_PROJECT or "reglue", the run
+    named after its folder and resumed under the id kept in RUN/trackers.json."""
+    from accelerate import PartialState
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    trackers = []
+    if "tensorboard" in cfg.trackers:
+        trackers.append(TensorBoardTracker("tensorboard", run))
+    if "wandb" in cfg.trackers:
+        ids, run_id = run / "trackers.json", None
+        if PartialState().is_main_process:  # only process 0 starts a tracker
+            if not ids.exists():
+                run.mkdir(parents=True, exist_ok=True)
+                ids.write_text(json.dumps({"wandb_id": os.urandom(8).hex()}))
+            run_id = json.loads(ids.read_text())["wandb_id"]
+        trackers.append(WandBTracker(tracker_project(), name=run.name, id=run_id, resume="allow", dir=str(run)))
+    return trackers
+
+
+def tracker_project() -> str:
+    return os.environ.get("WANDB_PROJECT", "reglue")
+
+
+def tracker_config(resolved: dict, prefix: str = "") -> dict:
+    """config.json flattened to the scalars trackers take ("config/lr": 1e-4, "method/name": "reglue", ...)."""
+    flat = {}
+    for key, value in resolved.items():
+        if isinstance(value, dict):
+            flat |= tracker_config(value, f"{prefix}{key}/")
+        else:
+            plain = type(value) in (bool, int, float, str)  # not a subclass such as torch's TorchVersion
+            flat[f"{prefix}{key}"] = value if plain else str(value) if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+def log_image(accelerator, name: str, image: np.ndarray, step: int) -> None:
+    """One uint8 HWC image to every tracker (TensorBoard's Images tab, a wandb Image)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: image[None]}, step=step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({name: [image]}, step=step)
 
 
 def log_fid(accelerator, run: Path, cfg: TrainConfig, model: SiT, vae, fid_inputs: tuple[Reference, Inception],
             meta, step: int) -> float:
     """FID-Nk of the EMA `model` (call on every process): print it, append {step, fid, fid_num,
-    fid_seconds} to log.jsonl, log `eval/FID-10K` to the trackers; returns the seconds it took."""
+    fid_seconds, time} to log.jsonl, log `eval/FID-10K` to the trackers; returns the seconds it took."""
     from reglue.trainer.evaluate import fid_during_training
     from reglue.trainer.sampling import SamplerConfig
 
@@ -485,20 +589,26 @@ def log_fid(accelerator, run: Path, cfg: TrainConfig, model: SiT, vae, fid_input
     accelerator.print(f"step {step:>7}/{cfg.max_steps} {result['name']} {result['fid']:.4f} ({hms(seconds)})")
     accelerator.log({f"eval/{result['name']}": result["fid"]}, step=step)
     if accelerator.is_main_process:
-        append_log(run, {"step": step, "fid": result["fid"], "fid_num": cfg.fid_num, "fid_seconds": seconds})
+        append_log(run, {"step": step, "fid": result["fid"], "fid_num": cfg.fid_num, "fid_seconds": seconds,
+                         "time": round(time.time(), 3)})
     return seconds
 
 
-def save_sample_grid(path: Path, model: SiT, vae, meta, cfg: TrainConfig, count: int = 16) -> None:
-    """16 EMA samples at fixed noise and classes (sample i depends on (seed, i) only, as `reglue sample`)."""
-    from reglue.trainer.generate import generate_images, save_grid
+def save_sample_grid(path: Path, model: SiT, vae, meta, cfg: TrainConfig, count: int = 16) -> np.ndarray:
+    """16 EMA samples at fixed noise and classes (sample i depends on (seed, i) only, as `reglue sample`),
+    tiled into RUN/samples/grid-N.png; returns the grid image (uint8 HWC)."""
+    from PIL import Image
+
+    from reglue.trainer.generate import generate_images, tile
     from reglue.trainer.sampling import SamplerConfig
     device = next(model.parameters()).device
     images, _ = generate_images(model, vae.to(device), list(range(count)), seed=cfg.seed,
                                 latent_channels=meta.latent_channels, scaling_factor=meta.vae_scaling_factor,
                                 sampler=SamplerConfig(num_steps=cfg.sample_steps), labels="balanced", device=device)
+    grid = tile(images.numpy())
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(images.numpy(), path)
+    Image.fromarray(grid).save(path)
+    return grid
 
 
 def raise_if_non_finite(accelerator, bad_step: torch.Tensor, run: Path) -> None:
@@ -529,7 +639,7 @@ def take_folder(state, run: Path) -> None:
 
 
 def report(accelerator, run: Path, cfg: TrainConfig, sums: torch.Tensor, step: int, timer: tuple[float, int],
-           epoch: float) -> tuple[float, int]:
+           epoch: float, lr: float) -> tuple[float, int]:
     """Reduce the accumulated terms (the loop's host sync), print a line, append log.jsonl, log trackers."""
     t0, step0 = timer
     now = time.perf_counter()
@@ -540,9 +650,9 @@ def report(accelerator, run: Path, cfg: TrainConfig, sums: torch.Tensor, step: i
     accelerator.print(f"step {step:>7}/{cfg.max_steps} ep {epoch:6.2f} "
                       + " ".join(f"{k} {v:.4f}" for k, v in values.items())
                       + f" | {img_s:8.1f} img/s ETA {hms(eta)}")
-    accelerator.log({f"train/{k}": v for k, v in values.items()} | {"train/img_per_s": img_s}, step=step)
+    accelerator.log({f"train/{k}": v for k, v in values.items()} | {"train/img_per_s": img_s, "train/lr": lr},
+                    step=step)
     if accelerator.is_main_process:
-        append_log(run, {"step": step, "epoch": epoch, **values, "img_per_s": img_s})
+        append_log(run, {"step": step, "epoch": epoch, **values, "lr": lr, "img_per_s": img_s,
+                         "time": round(time.time(), 3)})
     return now, step
-
-

@@ -52,7 +52,36 @@ PAUSE_ENV = "REGLUE_PAUSE_AFTER_CHECKPOINT"
 # sampling draws from per-sample generators and every step reseeds, tests/test_train_fid.py).
 RUN_CONTROL = ("max_steps", "log_every", "ckpt_every", "keep_last", "snapshot_every", "sample_every", "sample_steps",
                "prefetch", "trackers", "compile", "fid_every", "fid_num", "fid_ref", "inception", "fid_steps",
-               "fid_batch")
+               "fid_batch", "vae", "cpu")
+
+
+# ---- the run folder's name -----------------------------------------------------------------------
+
+def default_run_folder(cache: str, method: str, model: str, init_from: str | None = None) -> str:
+    """runs/<method>-<model>-<cache name>[-from-<checkpoint>], relative to the working folder: named by what
+    the run is, so that rerunning a command resumes its run and another method, model or starting point
+    never lands in it (a same-named cache elsewhere is refused by check_same_run, which compares the cache)."""
+    from reglue.trainer.hub import is_hub_source, local_name
+
+    name = cache.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr") or "cache"
+    parts = [method, model.replace("/", "-"), name]
+    if init_from:
+        parts += ["from", local_name(init_from) if is_hub_source(init_from) else Path(init_from.rstrip("/")).stem]
+    return str(Path("runs") / "-".join(parts))
+
+
+def run_outputs(run: Path) -> str:
+    """What a run folder holds, for the line a run ends on."""
+    found = []
+    if ckpt := latest_checkpoint(run):
+        found.append(f"checkpoint {ckpt}")
+    if snapshots := sorted((run / "snapshots").glob("ema-*")):
+        found.append(f"EMA snapshot {snapshots[-1]}")
+    if grids := sorted((run / "samples").glob("grid-*.png")):
+        found.append(f"grids {grids[-1].parent}/ (last {grids[-1].name})")
+    if (run / "tensorboard").is_dir():
+        found.append(f"TensorBoard {run / 'tensorboard'}")
+    return ", ".join(found) or "no outputs yet"
 
 
 # ---- config.json --------------------------------------------------------------------------------
@@ -173,7 +202,11 @@ def checkpoints(run: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a tmp folder is never one; whether they verify is `resume`'s).
     Only folders named step-<digits>: `reglue sample` writes step-N-<settings>.npz beside a checkpoint."""
     found = [p for p in (run / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    return int(ckpt.name.removeprefix("step-"))
 
 
 def latest_checkpoint(run: Path) -> Path | None:

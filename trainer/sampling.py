@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
@@ -33,7 +34,7 @@ Noise = Callable[[torch.Tensor], torch.Tensor]
 class SamplerConfig:
     """How to integrate from noise to data. Defaults: the released eval.sh (the `eval-sh` preset)."""
 
-    mode: str = "sde"
+    mode: Literal["sde", "ode"] = "sde"
     """"sde" (the reference Euler-Maruyama) or "ode" (deterministic)."""
     num_steps: int = 250
     """Grid points: SDE NFE = num_steps; ODE steps (Heun NFE = 2*num_steps - 1)."""
@@ -49,9 +50,9 @@ class SamplerConfig:
     """Guide only the latent channels, by the rule of the model's method: REGLUE's --vae_cfg (its non-standard
     d_c + s*(d_c - d_u), SDE loop steps only; the final step stays standard, on all channels) or, for a
     redi model, ReDi's --cfg-vae (standard u + s(c - u) on the latent channels, every step)."""
-    ode_solver: str = "heun"
+    ode_solver: Literal["euler", "heun"] = "heun"
     """"euler" or "heun" (ODE mode only)."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"
     """Model precision: "fp32" (reference parity) or "bf16" (autocast; state and CFG stay float64)."""
     path: str = "linear"
     """The interpolant the model was trained on (trainer.objective.Method.path), for the SDE's score
