@@ -231,7 +231,7 @@ def test_dry_run_prints_each_methods_own_recipe(caches, tmp_path, capsys):
     for method, (precision, clip, flip, line) in RECIPE_LINES.items():
         resolved = train(config(caches["full"], tmp_path, method=method, precision=None), dry_run=True)
         out = capsys.readouterr().err  # the recipe and notes go to stderr: stdout is the JSON alone
-        assert out.startswith(line), out
+        assert out.splitlines()[1].startswith(line), out  # after "run folder: RUN"
         assert (resolved["recipe"]["precision"], resolved["recipe"]["grad_clip"], resolved["recipe"]["flip"]) == \
             (precision, clip, flip)
         # the tiny cache holds DINOv2-reg4 targets: REPA's and REG's papers used the register-free model

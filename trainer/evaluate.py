@@ -199,7 +199,7 @@ def evaluate_source(cfg: FidConfig, generate_cfg=None) -> dict | None:
     # The reference and the Inception are found (or downloaded, once per node) before any sampling.
     with state.local_main_process_first():
         if generate_cfg is None:
-            resolution, classes = npz_shape(cfg.samples)[1], None
+            resolution, classes = check_images(cfg.samples)[1], None  # uint8 NHWC RGB, else one line
         else:
             _, info = load_model(generate_cfg.checkpoint)
             resolution, classes = info.resolution, info.num_classes

@@ -149,6 +149,10 @@ class GenerateConfig:
             name += "-" + hashlib.sha256(json.dumps(other, sort_keys=True).encode()).hexdigest()[:8]
         return ckpt.with_name(name + ".npz")
 
+    @property
+    def grid_path(self) -> Path | None:
+        return self.out_path.with_suffix(".grid.png") if self.grid else None
+
     def _other_pixel_settings(self) -> dict:
         """What changes the pixels besides the checkpoint and the settings spelled out in the default name."""
         sampler = {k: v for k, v in asdict(self.sampler).items() if k not in ("mode", "num_steps", "cfg_scale")}
@@ -202,10 +206,6 @@ def recorded(out: Path) -> dict | None:
 def _differences(there: dict, here: dict, skip: tuple[str, ...] = ()) -> list[str]:
     return [f"{k}: {there.get(k)!r} there, {here.get(k)!r} now" for k in here
             if k not in skip and k != "checkpoint" and there.get(k) != here.get(k)]
-
-    @property
-    def grid_path(self) -> Path | None:
-        return self.out_path.with_suffix(".grid.png") if self.grid else None
 
 
 def generate(cfg: GenerateConfig) -> Path:

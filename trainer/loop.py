@@ -43,7 +43,7 @@ from reglue.trainer.runfolder import (
     append_log,
     check_same_encoder,
     check_same_run,
-    checkpoint_step,
+    checkpoints,
     default_run_folder,
     hms,
     hold_run,
@@ -199,9 +199,6 @@ class TrainConfig:
                              f"{self.adam_eps}, {self.betas}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
-        if self.fid_every and not self.fid_ref:
-            raise ValueError("fid_every needs fid_ref: reference statistics from `reglue fid-ref` or the ADM "
-                             "reference batch (VIRTUAL_imagenet256_labeled.npz)")
         if not self.out:
             self.out = default_run_folder(self.cache, self.method, self.model, self.init_from)
         if self.fid_num < 2:
@@ -327,32 +324,23 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     say = state.print
     cache = Cache.open(cfg.cache)
     plan = make_plan(cfg, cache, state.num_processes)
-    for line in (recipe_line(plan), xl_lam_warning(cfg, plan.method),
+    for line in (f"run folder: {run}", recipe_line(plan), xl_lam_warning(cfg, plan.method),
                  encoder_note(plan.method.name, plan.recipe, cache.meta, plan.method.uses_dino)):
         if line and state.is_main_process:
-            print(line, file=sys.stderr)  # stdout of --dry-run is the JSON alone, a --config file
+            print(line, file=sys.stderr if dry_run else sys.stdout)  # --dry-run's stdout: the JSON alone
     if dry_run:
         resolved = resolved_config(cfg, plan, count_parameters(cfg.model, **plan.model_kwargs))
         say(json.dumps(resolved, indent=2, default=str))
         return resolved
 
     # 2. The run folder, checked before anything is written (--out a file or a folder of other things, a
-    # run of another config), then locked (a second `reglue train` on it stops here, in seconds); a run
-    # already at max_steps says so; the Accelerator in the recipe's precision; config.json, the folder's
-    # mark as a run folder.
-    say(f"run folder: {run}")
+    # run of another config), then locked (a second `reglue train` on it stops here, in seconds); the
+    # Accelerator in the recipe's precision; config.json, the folder's mark as a run folder.
     refuse_foreign(run)
     check_same_run(run, cfg, plan.recipe)
     check_same_encoder(run, cache)
     take_folder(state, run)
     resolved = resolved_config(cfg, plan, count_parameters(cfg.model, **plan.model_kwargs))
-    ckpt = newest_intact(run)
-    if ckpt is not None and checkpoint_step(ckpt) >= cfg.max_steps:
-        say(f"already done: {run} is at step {checkpoint_step(ckpt)} of {cfg.max_steps}; {run_outputs(run)} "
-            "(raise --max-steps to train on)")
-        if state.is_main_process:
-            release_run(run)
-        return resolved
     precision = plan.recipe.precision
     accelerator = Accelerator(
         cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision={"fp32": "no"}.get(precision, precision),
@@ -363,10 +351,10 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     if accelerator.is_main_process:
         (run / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
 
-    # 3. Model (or the --init-from weights), EMA (a copy), optimizer, loader; PCA for ReDi; grids and FID inputs.
+    # 3. Model (or the --init-from weights), EMA (a copy), optimizer, loader; PCA for ReDi.
     set_seed(cfg.seed)  # model init only; every step reseeds (micro_seed)
     model = SiT(**plan.model_kwargs).train()
-    if cfg.init_from and ckpt is None:  # a new run from another's weights; a resumed one has its own
+    if cfg.init_from and not checkpoints(run):  # a new run from another's weights; a resumed one has its own
         say(init_weights(model, cfg.init_from, plan))
     ema = EMA(model, cfg.ema_decay).to(accelerator.device)
     optimizer = make_optimizer(cfg, model.parameters())
@@ -376,16 +364,23 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
                          pin_memory=accelerator.device.type == "cuda", flip=plan.recipe.flip)
     progress = Progress()
     pca = load_or_fit_pca(run, cache, plan.method, cfg.pca_samples, accelerator, cfg.pca_file)
-    # Evaluation inputs fail early (a missing VAE, reference or Inception file), not at the first grid or FID.
-    vae = (load_grid_vae(cfg, cache, accelerator.device)
-           if cfg.fid_every or (cfg.sample_every and accelerator.is_main_process) else None)
-    fid_inputs = load_fid_inputs(cfg, cache, accelerator) if cfg.fid_every else None
 
-    # 4. Resume from the newest intact checkpoint (its manifest verified first; no pickled code is read).
+    # 4. Resume from the newest intact checkpoint (its manifest verified first; no pickled code is read);
+    # a run already at max_steps says so and stops.
     progress.step = resume(accelerator, run, lambda ckpt: load_checkpoint(
         ckpt, accelerator, model=model, optimizer=optimizer, ema=ema, loader=loader))
     if progress.step:
         say(f"resumed from {run / 'checkpoints' / f'step-{progress.step:07d}'} at step {progress.step}")
+    if progress.step >= cfg.max_steps:
+        say(f"already done: {run} is at step {progress.step} of {cfg.max_steps}; {run_outputs(run)} "
+            "(raise --max-steps to train on)")
+        if accelerator.is_main_process:
+            release_run(run)
+        return resolved
+    # Evaluation inputs fail early (a missing VAE, reference or Inception file), not at the first grid or FID.
+    vae = (load_grid_vae(cfg, cache, accelerator.device)
+           if cfg.fid_every or (cfg.sample_every and accelerator.is_main_process) else None)
+    fid_inputs = load_fid_inputs(cfg, cache, accelerator) if cfg.fid_every else None
     start = progress.step
     if accelerator.is_main_process:
         rewind_log(run / "log.jsonl", start)
