@@ -146,10 +146,12 @@ class SpanReader:
             if i + 1 == len(pieces) or len(run) == IOV_MAX or pieces[i + 1][0] != piece[0] + piece[1]:
                 want = sum(p[2].nbytes for p in run)
                 if os.preadv(fd, [p[2] for p in run], run[0][0] * self.row_bytes) != want:
-                    raise DamagedChunk(k, f"is shorter than its {self.chunk_rows * self.row_bytes:,} bytes")
+                    raise DamagedChunk(k, f"cannot be decoded (the file is shorter than its "
+                                          f"{self.chunk_rows * self.row_bytes:,} bytes)")
                 run = []
         if self.checked and _crc32c(p[2] for p in pieces[:-1]) != pieces[-1][2].tobytes():
-            raise DamagedChunk(k, "fails its crc32c checksum (the file changed after it was written)")
+            raise DamagedChunk(k, "cannot be decoded (its crc32c checksum does not match: the file changed "
+                                 "after it was written)")
 
     def _whole(self, fd: int, k: int) -> np.ndarray:
         """The whole chunk in this thread's buffer (reused: fresh large buffers cost page faults), checked
@@ -157,14 +159,14 @@ class SpanReader:
         size = os.fstat(fd).st_size
         src = _buffer("src", size)
         if os.preadv(fd, [src], 0) != size:
-            raise DamagedChunk(k, "changed while being read")
+            raise DamagedChunk(k, "cannot be decoded (the file changed while being read)")
         block = _buffer("block", self.chunk_rows * self.row_bytes)
         try:
             if self.mode == "raw":
                 if size != block.nbytes + 4 * self.checked:
                     raise ValueError(f"{size:,} bytes instead of {block.nbytes + 4 * self.checked:,}")
                 if self.checked and _crc32c([src[:-4]]) != src[-4:].tobytes():
-                    raise ValueError("the crc32c checksum does not match")
+                    raise ValueError("its crc32c checksum does not match: the file changed after it was written")
                 block[:] = src[:block.nbytes]
             else:
                 self.decoder.decode(src, out=block)

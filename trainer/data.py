@@ -33,6 +33,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -153,6 +154,18 @@ def pick_views(batch: dict[str, torch.Tensor], seed: int, step: int) -> dict[str
     mirrored = batch.pop("vae_moments_flip")
     np.copyto(batch["vae_moments"].numpy(), mirrored.numpy(), where=flip[:, None, None, None])
     return batch
+
+
+def _map_ahead(pool: ThreadPoolExecutor, fn, items: Sequence, ahead: int) -> Iterator:
+    """`pool.map(fn, items)` with at most `ahead` calls in flight or done but not yet consumed
+    (Executor.map submits every call at once, so decoded blocks could pile up)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _one_ahead(items: Iterator, executor: ThreadPoolExecutor) -> Iterator:
