@@ -5,12 +5,16 @@
 For every array the trainer's loader reads per sample (synthetic values shaped and distributed like
 the real ones: bench/loader.py `synthetic_rows`) and for `layers` (fp16 rows with per-channel means
 and scales spread like DINOv2's), in chunks of 64 samples (`layers`: one row per chunk, as stored):
-- stored bytes per sample with no compression, blosc-lz4 (byte shuffle), zstd-1 and zstd-3;
+- stored bytes per sample raw, blosc-lz4 (byte shuffle), zstd-1 and zstd-3, each with the checksum
+  that lets a read refuse a damaged chunk (the store's rule): crc32c for raw and blosc, zstd's frame
+  checksum; plain raw (no checksum) for reference;
 - CPU per sample to get the rows back into a reused buffer from a chunk file in the page cache, as
-  `pipeline/chunkio.py` does: one `preadv` when raw, the file read plus the codec's decode otherwise;
+  `pipeline/chunkio.py` does: one `preadv` and the crc32c when raw, the file read plus the codec's
+  decode (and its check) otherwise;
 - the loader's own CPU per sample (a `CacheLoader` over a raw synthetic store, 4 reader threads).
 Rule (the choice column): a codec is kept when the share of the stored bytes it saves exceeds the share
-of the loader's CPU it adds: saved bytes / bytes per sample > added CPU / loader CPU per sample. A
+of the loader's CPU it adds, against raw + crc32c: saved bytes / bytes per sample > added CPU / loader
+CPU per sample. A
 percent of the disk and network traffic weighs as much as a percent of the cores feeding the GPU.
 For `layers` (read by `train-compressor`, one 1.5 MiB row per read) the loader CPU is its raw read.
 Synthetic values compress like real ones only roughly: `--cache` measures the first samples (and
@@ -24,6 +28,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import google_crc32c
 import numcodecs
 import numpy as np
 from loader import REAL, cpu_us, read_cache, synthetic_cache, synthetic_rows
@@ -32,7 +37,11 @@ from reglue.pipeline.store import Cache
 from reglue.trainer.data import required_arrays
 from reglue.trainer.objective import get_method
 
-CODECS = {"none": None, "blosc-lz4": "blosc", "zstd-1": numcodecs.Zstd(level=1), "zstd-3": numcodecs.Zstd(level=3)}
+CODECS = {"raw, no checksum": None, "raw + crc32c": "crc32c",
+          "blosc-lz4 + crc32c": numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
+          "zstd-1 + checksum": numcodecs.Zstd(level=1, checksum=True),
+          "zstd-3 + checksum": numcodecs.Zstd(level=3, checksum=True)}
+BASE = "raw + crc32c"  # what the others are compared with: the cheapest read that still checks
 CHUNK = 64
 
 
@@ -58,26 +67,35 @@ def measure(values: np.ndarray, rows: int, tmp: Path, repeats: int) -> dict[str,
     out = np.empty(chunks[0].nbytes, np.uint8)
     result = {}
     for name, codec in CODECS.items():
-        if codec == "blosc":  # byte shuffle by the element size, as zarr's BloscCodec(shuffle="shuffle")
-            codec = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+        checked = codec == "crc32c" or isinstance(codec, numcodecs.Blosc)  # + Zarr's crc32c codec, 4 B
         files = []
         for i, chunk in enumerate(chunks):
-            data = chunk.tobytes() if codec is None else codec.encode(chunk)
+            data = chunk.tobytes() if codec in (None, "crc32c") else codec.encode(chunk)
+            data += b"\0\0\0\0" if checked else b""
             (path := tmp / f"{name}-{i}").write_bytes(data)
             files.append((path, len(data)))
         src = np.empty(max(size for _, size in files), np.uint8)
+        raw = codec in (None, "crc32c")
 
-        def read(codec=codec, files=files, src=src):
+        def read(codec=codec, files=files, src=src, checked=checked, raw=raw):
             for path, size in files:
                 fd = os.open(path, os.O_RDONLY)
-                os.preadv(fd, [out if codec is None else src[:size]], 0)
+                os.preadv(fd, [out, src[:4]] if raw and checked else [out] if raw else [src[:size]], 0)
                 os.close(fd)
-                if codec is not None:
-                    codec.decode(src[:size], out=out)
+                if checked:
+                    crc32c(out if raw else src[:size - 4])
+                if not raw:
+                    codec.decode(src[:size - 4 * checked], out=out)
 
         read()  # page cache warm, buffers touched
         result[name] = (sum(size for _, size in files) / len(values), cpu_us(read, len(values), repeats))
     return result
+
+
+def crc32c(buf: np.ndarray) -> int:
+    view = buf.view()
+    view.flags.writeable = False  # google_crc32c takes read-only buffers only
+    return google_crc32c.value(view)
 
 
 def main() -> None:
@@ -107,12 +125,13 @@ def main() -> None:
           "added CPU (of the loader's) | choice |")
     print("|---|---|---|---|---|---|---|---|")
     tables = [(name, per_sample[name], sample_bytes, loader_cpu) for name in names]
-    tables.append(("layers (per row)", layers, layers["none"][0], layers["none"][1]))
+    tables.append(("layers (per row)", layers, layers[BASE][0], layers[BASE][1]))
     for name, result, total_bytes, total_cpu in tables:
-        raw_bytes, raw_cpu = result["none"]
+        raw_bytes, raw_cpu = result[BASE]
         gain = {c: (raw_bytes - b) / total_bytes - (cpu - raw_cpu) / total_cpu for c, (b, cpu) in result.items()}
-        best = max(gain, key=lambda c: gain[c] if c != "none" else 0.0)
-        best = best if gain[best] > 0 else "none"
+        candidates = [c for c in gain if c != "raw, no checksum"]  # a read must be able to refuse damage
+        best = max(candidates, key=lambda c: gain[c] if c != BASE else 0.0)
+        best = best if gain[best] > 0 else BASE
         for codec, (stored, cpu) in result.items():
             print(f"| {name} | {codec} | {stored:,.0f} | {100 * (1 - stored / raw_bytes):.1f} % | "
                   f"{100 * (raw_bytes - stored) / total_bytes:.2f} % | {cpu:.2f} | "

@@ -216,7 +216,7 @@ def main() -> None:
         t0 = time.perf_counter()
         cache = synthetic_cache(str(Path(tmp) / "cache.zarr"), args.samples)
         zstd = synthetic_cache(str(Path(tmp) / "zstd.zarr"), args.samples,
-                               codecs={name: (ZstdCodec(level=3),) for name in store.CODECS})
+                               codecs={name: (ZstdCodec(level=3, checksum=True),) for name in store.CODECS})
         pairs = reference_layout(Path(tmp) / "reference", args.samples)
         print(f"wrote {args.samples} samples in three layouts in {time.perf_counter() - t0:.0f} s; "
               f"cache {sum(cache.stored_bytes().values()) / args.samples / 1024:.0f} KiB/sample "

@@ -28,7 +28,7 @@ from loader import cpu_us, read_cache, synthetic_cache
 from zarr.codecs import ZstdCodec
 
 from reglue.pipeline import store
-from reglue.pipeline.chunkio import SpanReader
+from reglue.pipeline.chunkio import SpanReader, _crc32c
 from reglue.trainer import data
 from reglue.trainer.data import CacheLoader, required_arrays
 from reglue.trainer.objective import get_method
@@ -93,6 +93,8 @@ def profile(cache, names, n: int, repeats: int) -> dict[str, float]:
                                                                        for b in batches()],
         "torch conversion (`from_numpy`; both)": lambda: [{k: torch.from_numpy(v) for k, v in b.items()}
                                                           for b in batches()],
+        "now: of which the crc32c check of every chunk read": lambda: [_crc32c([b]) for name in names
+                                                                     for b in blocks[name]],
         "now: bookkeeping (order, rank slices, spans, buffers; no reads)":
             lambda: synchronous(NoReads(cache), names, n // BATCH),
         "now: whole path, synchronous (reads straight into recycled batch buffers)":
@@ -116,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         raw = synthetic_cache(f"{tmp}/raw.zarr", args.samples)
         zstd = synthetic_cache(f"{tmp}/zstd.zarr", args.samples,
-                               codecs={name: (ZstdCodec(level=3),) for name in store.CODECS})
+                               codecs={name: (ZstdCodec(level=3, checksum=True),) for name in store.CODECS})
         names = list(required_arrays(get_method("reglue"), raw))
         results = {"raw (now)": profile(raw, names, args.samples, args.repeats),
                    "zstd-3 (before)": profile(zstd, names, args.samples, args.repeats)}

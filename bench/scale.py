@@ -2,24 +2,24 @@
 
     python bench/scale.py [--samples 1281167 14197122] [--dir DIR] [--write-sample 2000]
 
-For each sample count N, a store whose per-sample arrays are tiny (1 value each: every cost measured
-here is per sample, per chunk or per file, not per byte) but whose sample count, chunk count (64
-samples per chunk) and source listing are those of the data set: a text file list of N paths in
-class folders (1,000 classes for ImageNet-1k, 21,841 for ImageNet-21K), and, up to `--tree-max`
-samples, the same as a real class-folder tree of empty files. Steps, as `reglue extract`, `reglue
-cache` and `reglue train` run them:
+For each sample count N, a store whose per-sample arrays are tiny (those `--method sit` reads, one
+value each: every cost measured here is per sample, per chunk or per file, not per byte) but whose
+sample count, chunk count (64 samples per chunk) and source listing are those of the data set: a
+text file list of N paths in class folders (1,000 classes for ImageNet-1k, 21,841 for ImageNet-21K),
+and, up to `--tree-max` samples, the same as a real class-folder tree of empty files. Steps, as
+`reglue extract`, `reglue cache` and `reglue train` run them:
 - scan the listing; plan (the listing's digest, the metadata); create the store (arrays, `paths`);
 - chunk ownership of rank 0 of 8 and of 64 processes, on the fresh store and once every chunk is done;
 - `write_chunk` (arrays + done marker) timed on `--write-sample` chunks; the other chunks' files are
-  then written directly (the same files: a raw `valid` chunk and the marker's zarr.json), as setup;
+  then written directly (the same bytes: each array's chunk file and the marker's zarr.json), as setup;
 - list the done markers, read them all, re-verify one chunk; `complete` (process 0's wait for every
   marker, the skipped list, the metadata); `cache info`; `cache verify` of the whole store, and its
   speed per GB on a real-size store (bench/loader.py's synthetic one);
 - the loader: open (valid rows), the epoch order, this rank's slice of a batch for 8 and 64 ranks,
   the first batch; resume: the first batch from a position mid-way through epoch 3.
 Reported per step: wall seconds, process CPU seconds, and peak RAM above the RSS before the step
-(Linux: VmHWM after resetting it through /proc/self/clear_refs). The disk holds ~3 files per chunk
-(plus the tree); check `df -h` first; everything is deleted at the end.
+(Linux: VmHWM after resetting it through /proc/self/clear_refs). The disk holds ~5 files per chunk
+(~4.5 GB at ImageNet-21K, 4 KB blocks) plus the tree; check `df -h` first; all is deleted at the end.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ from reglue.trainer.data import CacheLoader
 
 CHUNK, BATCH, WINDOW = 64, 256, 4096
 TINY = dict(resolution=8, latent_channels=1, latent_size=1, dino_dim=1, num_patches=1, grid=1)
-DTYPES = {"vae_moments": "float16", "cls": "float32", "patches": "int8", "patches_scale": "float16",
-          "labels": "int64", "valid": "bool"}
+DTYPES = {"vae_moments": "float16", "labels": "int64", "valid": "bool"}  # what `--method sit` reads
 
 
 class Rank:
@@ -53,6 +52,9 @@ class Rank:
 
     def __init__(self, rank: int, world: int):
         self.process_index, self.num_processes = rank, world
+
+    def wait_for_everyone(self) -> None:
+        pass
 
 
 def rss_kib() -> int:
@@ -127,22 +129,23 @@ def write_chunks(cache: Cache, chunks: range) -> None:
 
 
 def write_chunk_files(cache: Cache, chunks: range) -> None:
-    """Setup: what `write_chunk` leaves for all-zero tiny arrays (Zarr writes no file for a chunk of fill
-    values): the raw `valid` chunk and the done marker, written directly."""
-    root = Path(cache.url)
-    valid = SpanReader(cache.array("valid"))
-    data = {name: np.zeros((CHUNK, *cache.array(name).shape[1:]), dtype) for name, dtype in DTYPES.items()}
-    data["valid"][:] = True
-    sums = {rows: {name: digest(v[:rows]) for name, v in data.items()}
-            for rows in {CHUNK, cache.meta.num_samples - (cache.num_chunks - 1) * CHUNK}}
+    """Setup: the files `write_chunk` leaves, copied from chunk 0's (every chunk holds the same values)
+    and written directly: each array's chunk file and the done marker's zarr.json."""
+    root, last = Path(cache.url), cache.num_chunks - 1
+    write_chunks(cache, range(last, last + 1))
+    readers = {name: SpanReader(cache.array(name)) for name in DTYPES}
+    files = {k: {name: r.chunk_file(k).read_bytes() for name, r in readers.items()} for k in (0, last)}
+    markers = {k: cache.marker("extract", k) for k in (0, last)}
     for k in chunks:
-        start, stop = cache.sample_range(k)
-        path = valid.chunk_file(k)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data["valid"].tobytes())
+        if k == last:
+            continue
+        for name, r in readers.items():
+            path = r.chunk_file(k)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(files[0][name])
         marker = root / MARKERS / "extract" / f"{k:07d}"
         marker.mkdir(parents=True, exist_ok=True)
-        attrs = {"chunk": k, "checksums": sums[stop - start], "skipped": []}
+        attrs = {**markers[0], "chunk": k}
         (marker / "zarr.json").write_text(json.dumps({"attributes": attrs, "zarr_format": 3, "node_type": "group"}))
 
 
