@@ -56,12 +56,13 @@ LAYER_ARRAYS = ("layers",)  # arrays indexed by layers row j, not by sample
 
 # Codecs per array, chosen by measurement (bench/codec_choice.py, BENCHMARKS.md "Codecs per array"): a
 # codec is kept where the share of the bytes it saves exceeds the share of the loader's CPU it adds. None
-# does: zstd saves ~8 % of int8 `patches` (87 % of a sample's bytes) for ~15x the CPU of reading them
-# raw, ~10 % of the fp16 arrays for ~13x; blosc-lz4 saves nothing on these near-random bytes; `layers`
-# rows (read by train-compressor, 6 GB per step) save ~8 % for ~17x. So chunks are stored raw, read by
-# `preadv` straight into the batch buffers (pipeline/chunkio.py), each with a crc32c checksum (4 B per
-# chunk, checked at every read at ~25 GB/s): a damaged chunk fails its read, as zstd's frame checksum
-# makes it fail to decode (without one, 2 of 3 flipped byte positions tried read silently as wrong values).
+# does: zstd saves ~8 % of int8 `patches` (87 % of a sample's bytes) for ~10x the CPU of reading them
+# raw with a checksum (+220 % of the loader's CPU), ~8-10 % of the fp16 arrays for ~10x; blosc-lz4 saves
+# nothing on these near-random bytes; `layers` rows (read by train-compressor, 6 GB per step) save ~8 %
+# for ~10x. So chunks are stored raw, read by `preadv` straight into the batch buffers
+# (pipeline/chunkio.py), each with a crc32c checksum (4 B per chunk, checked at every read at ~25 GB/s):
+# a damaged chunk fails its read, as zstd's frame checksum makes it fail to decode (without one, 2 of 3
+# flipped byte positions tried read silently as wrong values).
 COMPRESSORS = (ZstdCodec(level=3, checksum=True),)  # arrays read outside training: `paths` (~3x smaller)
 CODECS: dict[str, tuple] = dict.fromkeys(
     ("vae_moments", "vae_moments_flip", "cls", "patches", "patches_scale", "labels", "valid", "compressed",
@@ -478,8 +479,7 @@ class Cache:
 
         Every read of stored values for training goes through here: a chunk that is missing or does not
         decode raises `DamagedCache` naming it and the fix, never a fill value or a codec traceback."""
-        if not self.has(name):
-            raise KeyError(f"{self.url} has no {name!r} array (present: {sorted(self.meta.dtypes)})")
+        self._require(name)
         spans = self._span_reader(name)
         reader = self._reader(name)
         try:
@@ -494,12 +494,15 @@ class Cache:
         start + offsets[i]), straight from the chunk file where it is stored raw (pipeline/chunkio.py),
         with the checks of `read`. The trainer's loader reads every row through this, one call per array
         and chunk span."""
-        if not self.has(name):
-            raise KeyError(f"{self.url} has no {name!r} array (present: {sorted(self.meta.dtypes)})")
+        self._require(name)
         try:
             self._span_reader(name).read_into(start, stop, dest)
         except (MissingChunk, DamagedChunk, RuntimeError, ValueError) as e:
             raise self._damage(self._reader(name), name, start, stop, e) from e
+
+    def _require(self, name: str) -> None:
+        if not self.has(name):
+            raise KeyError(f"{self.url} has no {name!r} array (present: {sorted(self.meta.dtypes)})")
 
     def row_spec(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         """Shape and dtype of one row of `name` (a sample, or a `layers` row)."""
@@ -751,7 +754,7 @@ class Cache:
         if "layers" not in self.meta.dtypes:
             return set()
         index = self.array("layers_index")[:]
-        invalid = np.flatnonzero(~self.array("valid")[:][index])
+        invalid = np.flatnonzero(~self.read("valid")[index])
         return {self.chunk_key("layers", int(j)) for j in invalid}
 
 

@@ -18,14 +18,20 @@ window, rank r reads only chunks [r, r+1) * window_chunks / world of each window
 The trade-off of the window (`window` samples, rounded to whole chunks, at most the data set): a cache
 keeps its sources' order (ImageNet: sorted by class), so one chunk holds one or two classes and a batch
 mixes at most `window_chunks` chunks. A full random permutation (the reference's DataLoader shuffle)
-would mix the whole data set but needs one random read per sample, i.e. one whole compressed chunk read
-and decoded per sample (bench/loader.py measures it ~20x slower). The window reads each chunk once per
+would mix the whole data set but needs one random read per sample, i.e. one whole chunk read and checked
+(or decoded) per sample (bench/loader.py measures it ~20x slower). The window reads each chunk once per
 epoch, as one contiguous span per chunk, and holds this rank's rows of two windows in RAM (~2 * window /
 world samples: the window being trained on and the next, read meanwhile; one with `read_ahead=False`): a
 larger window mixes more classes per batch (ImageNet at batch 256: 4096 -> ~63 classes per batch, the same
 ~65 over 16 batches; 65536 -> ~229 and ~672; a full shuffle ~226 and ~984) for more RAM and a longer read
 before the first batch (the first step waits for the first window; later windows are read while the
 previous one trains, so a window's read stalls training only where it takes longer than training on it).
+
+Batches are assembled without copies: a batch's buffers (pinned on CUDA) are allocated when a window first
+holds rows of it, and each chunk span is read once per array straight into them (`Cache.read_into`,
+pipeline/chunkio.py: `preadv` into the rows' slots, the chunk's checksum checked); the tensors handed out
+are those buffers. CPU buffers are reused once their consumer has dropped every tensor of the batch
+(BENCHMARKS.md, "Loader profile").
 """
 
 from __future__ import annotations
