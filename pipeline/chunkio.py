@@ -187,6 +187,8 @@ def _crc32c(buffers) -> bytes:
 
 def _overlapping(dest: Dest) -> bool:
     """Whether two destinations ask for the same row (then the chunk is read whole and taken from)."""
+    if len(dest) == 1 and (len(dest[0][1]) < 2 or np.all(np.diff(dest[0][1]) > 0)):
+        return False  # one destination, increasing rows (`Cache.read`'s spans)
     offsets = np.concatenate([o for _, o in dest]) if dest else np.empty(0, np.int64)
     return len(np.unique(offsets)) != len(offsets)
 

@@ -571,9 +571,12 @@ class Cache:
         return [str(p) for p in self.array("paths")[start:stop]]
 
     def stored_bytes(self) -> dict[str, int]:
-        """Bytes on storage per array (chunk files and array metadata), by name."""
+        """Bytes on storage per array (chunk files and array metadata), by name: one walk of each array's
+        folder (Zarr's `nbytes_stored` awaits a call per file: a minute at ImageNet-21K's 221,831 chunks)."""
         names = sorted(n for n in set(self.meta.dtypes) | {"paths", "layers_index"} if self.has(n))
-        return {n: self.array(n).nbytes_stored() for n in names}
+        if "://" in _local(self.url):
+            return {n: self._fs.du(f"{self._root}/{n}", total=True) for n in names}
+        return {n: _folder_bytes(os.path.join(self._root, n)) for n in names}
 
     # -- chunks
 
@@ -783,6 +786,19 @@ def _fails(arr: zarr.Array, c: int) -> bool:
     except Exception:  # noqa: BLE001 - any failure means this chunk is the damaged one
         return True
     return False
+
+
+def _folder_bytes(path: str) -> int:
+    """Total size of the files below a local folder."""
+    total, folders = 0, [path]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                else:
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 def _few(items: list[int], n: int = 8) -> str:
