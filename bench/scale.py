@@ -150,10 +150,12 @@ def write_chunk_files(cache: Cache, chunks: range) -> None:
 
 
 def complete(cache: Cache) -> None:
-    """Process 0 at the end of extract: every chunk marked, the skipped list merged, the store complete."""
-    if missing := cache.missing_chunks("extract"):
+    """Process 0 at the end of extract (`extract.finish`): every chunk marked, the skipped list merged,
+    the store complete."""
+    markers = cache.markers("extract")
+    if missing := [k for k in range(cache.num_chunks) if k not in markers]:
         raise SystemExit(f"{len(missing)} chunks are not marked")
-    cache.update_meta(skipped=merge_skipped(cache.markers("extract").values()), complete=True)
+    cache.update_meta(skipped=merge_skipped(markers.values()), complete=True)
 
 
 def open_for_training(url: str) -> Cache:
