@@ -404,10 +404,11 @@ def finish(cache: Cache, namespace: str, written: list[int], state: PartialState
     if not state.is_main_process:
         return markers
 
-    def all_marked() -> dict[int, dict]:
-        if missing := cache.missing_chunks(namespace):
+    def all_marked() -> dict[int, dict]:  # every marker read once per try (221,831 files at ImageNet-21K)
+        markers = cache.markers(namespace)
+        if missing := [k for k in range(cache.num_chunks) if k not in markers]:
             raise TimeoutError(f"{len(missing)} chunks not done yet (first: {missing[:8]})")
-        return cache.markers(namespace)
+        return markers
 
     return wait_for(all_marked, TimeoutError, what="the other processes")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,8 +83,9 @@ def _image_files(folder: Path) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = Path(dirpath).relative_to(folder)
-        found += [(rel / f).as_posix() for f in filenames if not f.startswith(".") and is_image_file(f)]
+        rel = Path(dirpath).relative_to(folder).as_posix()
+        prefix = "" if rel == "." else rel + "/"  # string joins: a Path per file costs minutes at 14M files
+        found += [prefix + f for f in filenames if not f.startswith(".") and is_image_file(f)]
     return sorted(found)
 
 
@@ -111,7 +112,8 @@ def _scan_folder(root: Path) -> SourceList:
 
 def _scan_list(list_file: Path) -> SourceList:
     paths, labels, seen = [], [], {}
-    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+    parent = os.path.normpath(str(list_file.parent.absolute()))
+    for n, line in enumerate(_lines(list_file), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -122,15 +124,37 @@ def _scan_list(list_file: Path) -> SourceList:
             path, label = line, -1
         if label < -1:
             raise ValueError(f"{list_file}:{n}: label {label} must be >= 0 (or -1 for none)")
-        # A repeated file would be one sample twice (and maybe with two labels): refused, not kept.
-        where = os.path.normpath(os.path.join(list_file.parent, path))
+        # A repeated file would be one sample twice (and maybe with two labels): refused, not kept. The key
+        # is the normalized path relative to the list's folder (absolute outside it); a plain relative
+        # path is its own key (no string built per line: a 14M-line list would double its RAM).
+        normal = _normal(path)
+        if normal and not path.startswith("/") and ".." not in path.split("/"):
+            where = path
+        else:
+            where = os.path.normpath(os.path.join(parent, path))
+            where = where[len(parent) + 1:] if where.startswith(parent + "/") else where
         if where in seen:
             raise ValueError(f"{list_file}:{n}: {path} is the same file as line {seen[where]}; remove the repeated "
                              "line (a cache holds each source file once)")
         seen[where] = n
-        paths.append(Path(path).as_posix())
+        paths.append(path if normal else Path(path).as_posix())
         labels.append(label)
     return SourceList(list_file.parent, tuple(paths), tuple(labels), kind="list")
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """`path.read_text().splitlines()`, read a line at a time: a 14M-line list held whole, text and
+    lines, is ~1.5 GB."""
+    with open(path) as f:
+        for line in f:
+            yield from line.splitlines() or [""]
+
+
+def _normal(path: str) -> bool:
+    """Whether `Path(path).as_posix() == path` is certain without building the Path (~3 us each: a
+    minute for a 14M-line list): no empty or "." component, no trailing slash."""
+    return not ("//" in path or "/./" in path or path.startswith("./") or path.endswith(("/", "/."))
+                or path in ("", "."))
 
 
 def scan(src: str | Path) -> SourceList:

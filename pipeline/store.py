@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -41,10 +41,11 @@ import fsspec
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import WrapperStore
 
 from reglue.pipeline import codec
+from reglue.pipeline.chunkio import DamagedChunk, Dest, MissingChunk, SpanReader
 from reglue.pipeline.compressor import describe_key
 
 FORMAT_VERSION = 1
@@ -53,13 +54,21 @@ CREATING_ATTR = "reglue_creating"  # set while arrays are being created; a store
 MARKERS = "_markers"
 LAYER_ARRAYS = ("layers",)  # arrays indexed by layers row j, not by sample
 
-# Codec, chosen by measurement (bench/extract.py storage, BENCHMARKS.md): zstd level 3
-# saves 8 % on int8 patches, 14 % on fp16 VAE moments, 7 % on fp32 CLS at 0.5-1 GB/s decode per
-# core; levels 1 and 9 give the same size, blosc-lz4 saves nothing on int8, and byte-shuffle +
-# zstd wins only 7 % on the (small) VAE moments, so one codec serves every array. The frame
-# checksum (xxhash, 4 B per chunk) makes a damaged chunk fail to decode: without it, 2 of 3 flipped
-# byte positions tried decoded silently to wrong values.
-COMPRESSORS = (ZstdCodec(level=3, checksum=True),)
+# Codecs per array, chosen by measurement (bench/codec_choice.py, BENCHMARKS.md "Codecs per array"): a
+# codec is kept where the share of the bytes it saves exceeds the share of the loader's CPU it adds. None
+# does: zstd saves ~8 % of int8 `patches` (87 % of a sample's bytes) for ~10x the CPU of reading them
+# raw with a checksum (+220 % of the loader's CPU), ~8-10 % of the fp16 arrays for ~10x; blosc-lz4 saves
+# nothing on these near-random bytes; `layers` rows (read by train-compressor, 6 GB per step) save ~8 %
+# for ~10x. So chunks are stored raw, read by `preadv` straight into the batch buffers
+# (pipeline/chunkio.py), each with a crc32c checksum (4 B per chunk, checked at every read at ~25 GB/s):
+# a damaged chunk fails its read, as zstd's frame checksum makes it fail to decode (without one, 2 of 3
+# flipped byte positions tried read silently as wrong values).
+COMPRESSORS = (ZstdCodec(level=3, checksum=True),)  # arrays read outside training: `paths` (~3x smaller)
+CODECS: dict[str, tuple] = dict.fromkeys(
+    ("vae_moments", "vae_moments_flip", "cls", "patches", "patches_scale", "labels", "valid", "compressed",
+     "layers"), (Crc32cCodec(),))
+"""Compressors of each array written per chunk. Each array's `zarr.json` records its own, so a store
+written with other codecs (zstd-3 on every array, before these) reads the same."""
 PATHS_CHUNK = 65536
 
 
@@ -186,7 +195,29 @@ def digest(obj: Any) -> str:
     """sha256 of a JSON value (sorted keys) or of an array's C-order bytes."""
     if isinstance(obj, np.ndarray):
         return hashlib.sha256(np.ascontiguousarray(obj).view(np.uint8).data).hexdigest()
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    h = hashlib.sha256()
+    for piece in _json_pieces(obj):
+        h.update(piece.encode())
+    return h.hexdigest()
+
+
+def _json_pieces(obj: Any, size: int = 65536) -> Iterator[str]:
+    """`json.dumps(obj, sort_keys=True)` in pieces, a long list `size` items at a time: the listing of
+    ImageNet-21K's 14M paths would otherwise be one ~1 GB string."""
+    if not isinstance(obj, (list, tuple)) or (len(obj) <= size and not any(
+            isinstance(x, (list, tuple)) and len(x) > size for x in obj)):
+        yield json.dumps(obj, sort_keys=True)
+        return
+    yield "["
+    long = len(obj) > size
+    for i in range(0, len(obj), size if long else 1):
+        if i:
+            yield ", "
+        if long:
+            yield json.dumps(list(obj[i:i + size]), sort_keys=True)[1:-1]
+        else:
+            yield from _json_pieces(obj[i], size)
+    yield "]"
 
 
 def describe_difference(stored: dict, wanted: dict) -> str:
@@ -258,14 +289,6 @@ class DamagedCache(ValueError):
     one line naming it and the fix (the CLI prints ValueErrors as `error: ...`)."""
 
 
-class MissingChunk(Exception):
-    """Raised by `_StrictStore` for a chunk file that is not there (zarr would serve the fill value)."""
-
-    def __init__(self, key: str):
-        super().__init__(f"chunk file {key} is missing")
-        self.key = key
-
-
 class _StrictStore(WrapperStore):
     """A zarr store that reads a missing chunk as an error instead of as the fill value (zarr 3.1 has no
     option for this; zarr-python PR #3748 adds one later). `may_be_absent(key)` names the chunks that may
@@ -310,6 +333,8 @@ class Cache:
         self._arrays: dict[str, zarr.Array] = {}
         self._strict: zarr.Group | None = None  # set by `require_intact`: reads refuse missing chunks
         self._readers: dict[str, zarr.Array] = {}
+        self._absent: set[str] | None = None  # with `_strict`: the chunk files that may be absent
+        self._spans: dict[tuple[str, bool], SpanReader] = {}
         self._fs, self._root = fsspec.core.url_to_fs(_local(url))
         self._root = self._root.rstrip("/")
 
@@ -347,7 +372,7 @@ class Cache:
             raise DamagedCache(f"{self.url}: {text}{more}; {repair_hint(self.url, ns)}")
         absent |= self._zero_layer_rows()
         self._strict = zarr.open_group(_StrictStore(self.group.store, absent.__contains__), mode="r", zarr_format=3)
-        self._readers = {}
+        self._readers, self._absent, self._spans = {}, absent, {}
 
     @classmethod
     def create_or_resume(cls, url: str, meta: CacheMeta, paths: list[str], *, create: bool = True) -> Cache:
@@ -388,8 +413,10 @@ class Cache:
         group.attrs.put({CREATING_ATTR: True})
         for name, (shape, dtype, chunks) in array_layout(meta).items():
             _create_array(group, name, shape, dtype, chunks)
-        group.create_array("paths", shape=(len(paths),), dtype=str, chunks=(min(PATHS_CHUNK, max(len(paths), 1)),),
-                           compressors=COMPRESSORS)[:] = np.asarray(paths, dtype=str)
+        stored = group.create_array("paths", shape=(len(paths),), dtype=str,
+                                    chunks=(min(PATHS_CHUNK, max(len(paths), 1)),), compressors=COMPRESSORS)
+        for i in range(0, len(paths), PATHS_CHUNK):  # a chunk at a time: 14M paths as one array are ~2 GB
+            stored[i:i + PATHS_CHUNK] = np.asarray(paths[i:i + PATHS_CHUNK], dtype=str)
         if meta.layers_count:
             group.create_array("layers_index", data=layer_sample_indices(meta.num_samples, meta.layers_count),
                                compressors=COMPRESSORS)
@@ -420,6 +447,7 @@ class Cache:
         if node is None or dict(node.attrs).get("compressor") != provenance:
             raise FileNotFoundError(f"{self.url}: the `compressed` array is not prepared yet")
         self._arrays.pop("compressed", None)
+        self._spans = {key: r for key, r in self._spans.items() if key[0] != "compressed"}
 
     def update_meta(self, **changes: Any) -> None:
         """Rewrite the metadata (process 0 only: the attribute file has a single writer)."""
@@ -451,13 +479,57 @@ class Cache:
 
         Every read of stored values for training goes through here: a chunk that is missing or does not
         decode raises `DamagedCache` naming it and the fix, never a fill value or a codec traceback."""
-        if not self.has(name):
-            raise KeyError(f"{self.url} has no {name!r} array (present: {sorted(self.meta.dtypes)})")
+        self._require(name)
+        spans = self._span_reader(name)
         reader = self._reader(name)
         try:
-            return reader[start:stop]
-        except (MissingChunk, RuntimeError, ValueError) as e:  # zstd: RuntimeError; wrong size: ValueError
+            if spans.mode == "zarr":
+                return reader[start:stop]
+            return self._read_spans(spans, start, stop)
+        except (MissingChunk, DamagedChunk, RuntimeError, ValueError) as e:  # zstd: RuntimeError; size: ValueError
             raise self._damage(reader, name, start, stop, e) from e
+
+    def read_into(self, name: str, start: int, stop: int, dest: Dest) -> None:
+        """Rows [start, stop) of `name`, within one chunk, into `dest` ((out, offsets) pairs: out[i] = row
+        start + offsets[i]), straight from the chunk file where it is stored raw (pipeline/chunkio.py),
+        with the checks of `read`. The trainer's loader reads every row through this, one call per array
+        and chunk span."""
+        self._require(name)
+        try:
+            self._span_reader(name).read_into(start, stop, dest)
+        except (MissingChunk, DamagedChunk, RuntimeError, ValueError) as e:
+            raise self._damage(self._reader(name), name, start, stop, e) from e
+
+    def _require(self, name: str) -> None:
+        if not self.has(name):
+            raise KeyError(f"{self.url} has no {name!r} array (present: {sorted(self.meta.dtypes)})")
+
+    def row_spec(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of one row of `name` (a sample, or a `layers` row)."""
+        a = self.array(name)
+        return tuple(a.shape[1:]), np.dtype(a.dtype)
+
+    def _span_reader(self, name: str, strict: bool | None = None) -> SpanReader:
+        """The chunk-file reader of `name`: refusing missing chunks once `require_intact` has run (or as
+        `strict` says)."""
+        strict = self._strict is not None if strict is None else strict
+        if (name, strict) not in self._spans:
+            absent = (self._absent or set()).__contains__ if strict else (lambda key: True)
+            self._spans[name, strict] = SpanReader(self.array(name), absent)
+        return self._spans[name, strict]
+
+    @staticmethod
+    def _read_spans(spans: SpanReader, start: int, stop: int | None) -> np.ndarray:
+        """Rows [start, stop) chunk by chunk through `spans` (at ImageNet-21K scale Zarr's own read of
+        `valid` alone takes minutes: BENCHMARKS.md, "At scale")."""
+        start, stop, _ = slice(start, stop).indices(spans.array.shape[0])
+        out = np.empty((max(stop - start, 0), *spans.row_shape), spans.dtype)
+        a = start
+        while a < stop:  # one span per chunk
+            b = min(a - a % spans.chunk_rows + spans.chunk_rows, stop)
+            spans.read_into(a, b, [(out[a - start:b - start], np.arange(b - a))])
+            a = b
+        return out
 
     def rows(self, name: str) -> Rows:
         """`read` as an array-like along the row axis (shape, dtype, [i:j, ...]), e.g. for dask.from_array."""
@@ -475,6 +547,8 @@ class Cache:
         rows = reader.chunks[0]
         if isinstance(error, MissingChunk):
             c, why = int(error.key.split("/c/", 1)[1].split("/")[0]), "has no file"
+        elif isinstance(error, DamagedChunk):
+            c, why = error.k, error.why
         else:
             stop = reader.shape[0] if stop is None else stop
             c = next((c for c in range(start // rows, -(-stop // rows)) if _fails(reader, c)), start // rows)
@@ -497,9 +571,12 @@ class Cache:
         return [str(p) for p in self.array("paths")[start:stop]]
 
     def stored_bytes(self) -> dict[str, int]:
-        """Bytes on storage per array (chunk files and array metadata), by name."""
+        """Bytes on storage per array (chunk files and array metadata), by name: one walk of each array's
+        folder (Zarr's `nbytes_stored` awaits a call per file: a minute at ImageNet-21K's 221,831 chunks)."""
         names = sorted(n for n in set(self.meta.dtypes) | {"paths", "layers_index"} if self.has(n))
-        return {n: self.array(n).nbytes_stored() for n in names}
+        if "://" in _local(self.url):
+            return {n: self._fs.du(f"{self._root}/{n}", total=True) for n in names}
+        return {n: _folder_bytes(os.path.join(self._root, n)) for n in names}
 
     # -- chunks
 
@@ -583,8 +660,10 @@ class Cache:
             return "no done marker"
         for name, expected in marker["checksums"].items():
             start, stop = self.region(name, k)
-            try:
-                got = digest(self.array(name)[start:stop])
+            try:  # as written: a chunk file that is not there reads as zeros, and fails its checksum
+                spans = self._span_reader(name, strict=False)
+                got = digest(self._read_spans(spans, start, stop) if spans.mode != "zarr" else
+                             self.array(name)[start:stop])
             except Exception as e:  # a damaged chunk file fails in the codec with many error types
                 return f"{name}: cannot read ({type(e).__name__}: {e})"
             if got != expected:
@@ -678,7 +757,7 @@ class Cache:
         if "layers" not in self.meta.dtypes:
             return set()
         index = self.array("layers_index")[:]
-        invalid = np.flatnonzero(~self.array("valid")[:][index])
+        invalid = np.flatnonzero(~self.read("valid")[index])
         return {self.chunk_key("layers", int(j)) for j in invalid}
 
 
@@ -707,6 +786,19 @@ def _fails(arr: zarr.Array, c: int) -> bool:
     except Exception:  # noqa: BLE001 - any failure means this chunk is the damaged one
         return True
     return False
+
+
+def _folder_bytes(path: str) -> int:
+    """Total size of the files below a local folder."""
+    total, folders = 0, [path]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                else:
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 def _few(items: list[int], n: int = 8) -> str:
@@ -739,7 +831,7 @@ def array_layout(meta: CacheMeta) -> dict[str, tuple[tuple[int, ...], str, tuple
 
 def _create_array(group: zarr.Group, name: str, shape, dtype, chunks) -> zarr.Array:
     return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
-                              compressors=COMPRESSORS)
+                              compressors=CODECS.get(name, COMPRESSORS))
 
 
 def decode_patches(q, scale) -> torch.Tensor:
@@ -779,7 +871,7 @@ def info(url: str) -> str:
     problems, _ = cache.inspect()
     state = ("INCOMPLETE" if not m.complete else "complete, but DAMAGED (see below)" if problems else "complete")
     lines = [f"cache {url}  (format {m.format_version}, {state})",
-             f"samples {N}: valid {int(cache.array('valid')[:].sum())}, skipped {len(m.skipped)}; chunks "
+             f"samples {N}: valid {int(cache.read('valid').sum())}, skipped {len(m.skipped)}; chunks "
              f"{cache.num_chunks} x {m.chunk_size} samples, "
              f"done {cache.num_chunks - len(cache.unmarked('extract'))}",
              f"{'array':<14}{'shape':<22}{'dtype':<9}{'chunks':<22}{'codec':<10}{'stored':>12}{'B/image':>11}"]

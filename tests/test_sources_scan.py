@@ -1,9 +1,13 @@
 """`sources.scan`: which files, in which order, with which labels."""
 
+import itertools
+from pathlib import Path
+
+import numpy as np
 import pytest
 from PIL import Image
 
-from reglue.pipeline.sources import scan
+from reglue.pipeline.sources import _lines, _normal, scan
 
 
 def touch_image(path, size=(8, 8)):
@@ -72,3 +76,22 @@ def test_a_file_list_naming_a_file_twice_is_refused(tmp_path):
         lst.write_text(f"imgs/a.png 0\nimgs/b.png 0\n{repeat}\n")
         with pytest.raises(ValueError, match=r"list.txt:3: .* is the same file as line 1; remove the repeated line"):
             scan(lst)
+
+
+def test_a_list_path_is_kept_as_is_only_where_path_would_not_change_it():
+    parts = ["a", ".", "", "..", "b c", "x.JPEG"]
+    for k in range(1, 5):
+        for combo in itertools.product(parts, repeat=k):
+            for path in {"/".join(combo), "/" + "/".join(combo), "//" + "/".join(combo), "/".join(combo) + "/"}:
+                if path.strip() and _normal(path):
+                    assert Path(path).as_posix() == path, path
+    assert _normal("n01440764/n01440764_10026.JPEG") and not _normal("./a.png") and not _normal("a//b.png")
+
+
+def test_a_list_is_read_a_line_at_a_time_into_the_same_lines(tmp_path):
+    rng = np.random.default_rng(0)
+    pieces = ["a", "b c", " ", "#x", "1", "\n", "\r\n", "\r", "\x0c", "\x85", "\u2028"]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces, rng.integers(0, 12)))
+        (tmp_path / "list.txt").write_text(text)
+        assert list(_lines(tmp_path / "list.txt")) == (tmp_path / "list.txt").read_text().splitlines(), repr(text)

@@ -1,17 +1,24 @@
 """The cache loader's order, sharding, reads and resumable position, on an in-memory stand-in for
-`pipeline.store.Cache` (the same `read` / `meta` / `valid_indices` interface); the real-cache
-path is covered by test_train_loop.py."""
+`pipeline.store.Cache` (the same `read_into` / `row_spec` / `meta` / `valid_indices` interface), and
+its batch stream on small real stores (also covered end to end by test_train_loop.py)."""
 
+import hashlib
 import threading
 import time
 import tracemalloc
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
+from test_store_format import make_meta
+from zarr.codecs import ZstdCodec
 
-from reglue.trainer.data import CacheLoader, epoch_order, read_rows
+from reglue.pipeline import store
+from reglue.pipeline.chunkio import take_rows
+from reglue.pipeline.store import Cache, array_layout
+from reglue.trainer.data import CacheLoader, _Recycler, epoch_order, read_rows
 from reglue.trainer.ema import EMA
 from reglue.trainer.pca import pca_from_moments
 
@@ -29,6 +36,12 @@ class ArrayCache:
     def read(self, name, start, stop):
         self.reads.append((start, stop))
         return self.x[start:stop]
+
+    def row_spec(self, name):
+        return self.x.shape[1:], self.x.dtype
+
+    def read_into(self, name, start, stop, dest):
+        take_rows(self.read(name, start, stop), dest)
 
     def valid_indices(self):
         return np.flatnonzero(self.valid)
@@ -179,6 +192,9 @@ def test_a_rank_holds_about_one_window_or_two_reading_ahead(read_ahead, windows)
         def read(self, name, start, stop):
             return np.repeat(self.x[start:stop, :1], 1000, axis=1)
 
+        def row_spec(self, name):
+            return (1000,), self.x.dtype
+
     cache = Wide(8192, 16)  # 4 windows of 2048 samples (8 MB each)
     window_bytes = 2048 * 4000
     take(CacheLoader(cache, ["x"], 64, window=2048), 1)  # first-use imports are not the loader's memory
@@ -248,3 +264,84 @@ def test_a_one_row_read_unit_shuffles_fully():
     assert len(np.unique(chunked // 64)) == 1  # a window smaller than a chunk: one chunk's rows
     assert len(np.unique(rowwise // 64)) == 4  # 32 random rows of all 256 (a seed missing a chunk: p < 1e-3)
     assert all(start + 1 == stop for start, stop in cache.reads[-32:])  # one read per row
+
+
+# The index streams of the loader before it read rows straight into the batches (commit 8c8eeb0, the
+# same configurations on `ArrayCache(150, 8, invalid=(5, 77, 140))`): sha256 of the int64 indices.
+STREAMS = {"one-process": "d16db220c4bf0edf543bb4349cd5292ae5ee9d1c467bab435cd0a59972eeaaf8",
+           "rank-1-of-3": "f4ad16055a8efdac0448a4175cd0b42c90da1b1fffe1a30309a6fcadac2d0264",
+           "rowwise": "ec83d67aaf9d6e886e05930717ccfd7f47ee6d57e3b490846f8d00d904169fba"}
+LOADERS = {"one-process": {}, "rank-1-of-3": dict(rank=1, world=3), "rowwise": dict(local_reads=False, chunk_size=1)}
+
+
+@pytest.fixture(scope="module")
+def small_stores(tmp_path_factory):
+    """The same 150 samples (5, 77, 140 invalid) in chunks of 8, stored raw as extract writes them now
+    and with zstd-3 on every array as before."""
+    root = tmp_path_factory.mktemp("stores")
+    meta = make_meta(num_samples=150, chunk_size=8, layers_count=0,
+                     dtypes={k: v for k, v in make_meta().dtypes.items() if k != "layers"})
+    rng = np.random.default_rng(0)
+    full = {name: (rng.standard_normal((150, *shape)) * 50).astype(dtype)
+            for name, (shape, dtype, _) in ((n, (s[1:], d, c)) for n, (s, d, c) in array_layout(meta).items())}
+    full["valid"][:] = True
+    full["valid"][[5, 77, 140]] = False
+    stores = {}
+    for kind, codecs in {"raw": None, "zstd": (ZstdCodec(level=3),)}.items():
+        with patch.dict(store.CODECS, {name: codecs for name in store.CODECS} if codecs else {}):
+            cache = Cache.create_or_resume(str(root / f"{kind}.zarr"), meta, [str(i) for i in range(150)])
+        for k in range(cache.num_chunks):
+            cache.write_chunk("extract", k, {n: v[slice(*cache.sample_range(k))] for n, v in full.items()})
+        cache.update_meta(complete=True)
+        stores[kind] = Cache.open(cache.url)
+    return stores
+
+
+@pytest.mark.parametrize("kind", ["raw", "zstd"])
+@pytest.mark.parametrize("case", list(LOADERS))
+def test_the_batch_stream_is_unchanged_and_holds_the_stored_rows(small_stores, kind, case):
+    cache = small_stores[kind]
+    names = ("vae_moments", "cls", "patches", "patches_scale", "labels")
+    batches = take(CacheLoader(cache, names, 12, seed=7, window=24, **LOADERS[case]), 30)  # ~2.4 epochs
+    index = np.concatenate([b["index"].numpy() for b in batches])
+    assert hashlib.sha256(index.astype("<i8").tobytes()).hexdigest() == STREAMS[case]
+    stored = {name: cache.read(name) for name in names}  # Zarr's own read of the whole array
+    for batch in batches:
+        for name in names:
+            want = stored[name][batch["index"].numpy()]
+            assert batch[name].dtype == torch.from_numpy(want).dtype
+            np.testing.assert_array_equal(batch[name].numpy(), want)
+
+
+def test_a_batch_its_consumer_holds_is_never_overwritten():
+    cache = ArrayCache(64, 4)
+    loader = CacheLoader(cache, ["x"], 8, window=16, prefetch=1)
+    held = next(loader)
+    view = held["x"][2:5]
+    for _ in range(40):  # 5 epochs, each batch dropped once checked: its buffers are reused
+        batch = next(loader)
+        assert torch.equal(batch["x"][:, 0], batch["index"].float())
+    loader.close()
+    assert torch.equal(held["x"][:, 0], held["index"].float()) and torch.equal(view, held["x"][2:5])
+
+
+def test_batch_buffers_are_reused_once_every_tensor_and_view_of_them_is_gone():
+    recycler, shapes = _Recycler(limit=4), {"x": ((4, 3), np.dtype(np.float32))}
+    first = recycler.get(shapes)
+    tensor = torch.from_numpy(first["x"])
+    view = tensor[1:]
+    assert recycler.get(shapes) is not first
+    del tensor
+    assert recycler.get(shapes) is not first, "a view still refers to the buffer"
+    del view
+    assert recycler.get(shapes) is first
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
+def test_pinned_batches_are_the_same_batches(small_stores):
+    cache = small_stores["raw"]
+    plain = take(CacheLoader(cache, ("patches", "labels"), 12, window=24), 15)
+    pinned = take(CacheLoader(cache, ("patches", "labels"), 12, window=24, pin_memory=True), 15)
+    for a, b in zip(plain, pinned, strict=True):
+        assert all(b[k].is_pinned() and torch.equal(a[k], b[k]) for k in a)

@@ -18,31 +18,39 @@ window, rank r reads only chunks [r, r+1) * window_chunks / world of each window
 The trade-off of the window (`window` samples, rounded to whole chunks, at most the data set): a cache
 keeps its sources' order (ImageNet: sorted by class), so one chunk holds one or two classes and a batch
 mixes at most `window_chunks` chunks. A full random permutation (the reference's DataLoader shuffle)
-would mix the whole data set but needs one random read per sample, i.e. one whole compressed chunk read
-and decoded per sample (bench/loader.py measures it ~20x slower). The window reads each chunk once per
+would mix the whole data set but needs one random read per sample, i.e. one whole chunk read and checked
+(or decoded) per sample (bench/loader.py measures it ~20x slower). The window reads each chunk once per
 epoch, as one contiguous span per chunk, and holds this rank's rows of two windows in RAM (~2 * window /
 world samples: the window being trained on and the next, read meanwhile; one with `read_ahead=False`): a
 larger window mixes more classes per batch (ImageNet at batch 256: 4096 -> ~63 classes per batch, the same
 ~65 over 16 batches; 65536 -> ~229 and ~672; a full shuffle ~226 and ~984) for more RAM and a longer read
 before the first batch (the first step waits for the first window; later windows are read while the
 previous one trains, so a window's read stalls training only where it takes longer than training on it).
+
+Batches are assembled without copies: a batch's buffers (pinned on CUDA) are allocated when a window first
+holds rows of it, and each chunk span is read once per array straight into them (`Cache.read_into`,
+pipeline/chunkio.py: `preadv` into the rows' slots, the chunk's checksum checked); the tensors handed out
+are those buffers. CPU buffers are reused once their consumer has dropped every tensor of the batch
+(BENCHMARKS.md, "Loader profile").
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reglue.pipeline.chunkio import Dest
 from reglue.pipeline.store import decode_patches
 from reglue.trainer.draws import RANDOM, Draws
 from reglue.trainer.objective import METHODS, Batch, Method
@@ -52,9 +60,11 @@ if TYPE_CHECKING:
 
 
 class Readable(Protocol):
-    """What the loader needs of `reglue.pipeline.store.Cache`."""
+    """What the loader needs of `reglue.pipeline.store.Cache` (besides `meta.chunk_size`, `valid_indices()`)."""
 
-    def read(self, name: str, start: int, stop: int) -> np.ndarray: ...
+    def row_spec(self, name: str) -> tuple[tuple[int, ...], np.dtype]: ...
+
+    def read_into(self, name: str, start: int, stop: int, dest: Dest) -> None: ...
 
 
 def epoch_order(rows: np.ndarray, chunk_size: int, window_chunks: int, seed: int,
@@ -78,41 +88,54 @@ def epoch_order(rows: np.ndarray, chunk_size: int, window_chunks: int, seed: int
 
 
 def read_rows(cache: Readable, names: Sequence[str], ids: np.ndarray, chunk_size: int,
-              pool: ThreadPoolExecutor | None = None, ahead: int = 8,
-              stop: threading.Event | None = None) -> dict[str, np.ndarray]:
-    """`{name: array[ids]}` read as one contiguous span per chunk touched (not one read per row, unless a
-    chunk is one row),
-    the spans decoded in parallel by `pool` when given, at most `ahead` of them not yet copied. Once `stop`
-    is set the remaining spans are not read (CancelledError), so that closing a loader does not wait for a
-    whole window's read."""
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    cuts = np.flatnonzero(np.diff(sorted_ids // chunk_size)) + 1
-    spans = list(zip(np.split(order, cuts), np.split(sorted_ids, cuts)))
-    out = {}
-    for name in names:
-        def read(span, name=name):
-            if stop is not None and stop.is_set():
-                raise CancelledError("the loader was closed")
-            return cache.read(name, int(span[1][0]), int(span[1][-1]) + 1)
-        blocks = _map_ahead(pool, read, spans, ahead) if pool else map(read, spans)
-        for i, ((where, rows), block) in enumerate(zip(spans, blocks)):
-            if i == 0:
-                out[name] = np.empty((len(ids), *block.shape[1:]), block.dtype)
-            out[name][where] = block if len(rows) == len(block) else block[rows - rows[0]]  # one copy
+              pool: ThreadPoolExecutor | None = None) -> dict[str, np.ndarray]:
+    """`{name: array[ids]}`, read as one span per chunk touched (see `read_spans`)."""
+    out = {name: np.empty((len(ids), *shape), dtype) for name, (shape, dtype) in
+           ((name, cache.row_spec(name)) for name in names)}
+    read_spans(cache, [out], np.asarray(ids), np.zeros(len(ids), np.int64), np.arange(len(ids)), chunk_size, pool)
     return out
 
 
-def _map_ahead(pool: ThreadPoolExecutor, fn, items: Sequence, ahead: int) -> Iterator:
-    """`pool.map(fn, items)` with at most `ahead` calls in flight or done but not yet consumed
-    (Executor.map submits every call at once, so a window's decoded blocks could pile up beside it)."""
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) > ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+def read_spans(cache: Readable, buffers: Sequence[dict[str, np.ndarray]], ids: np.ndarray, which: np.ndarray,
+               slots: np.ndarray, chunk_size: int, pool: ThreadPoolExecutor | None = None,
+               stop: threading.Event | None = None) -> None:
+    """Row ids[i] of every array into buffers[which[i]][name][slots[i]], straight from the store: one
+    `read_into` per array and chunk touched, over the span of its wanted rows (not one read per row,
+    unless a chunk is one row), whose rows go to their slots in runs of consecutive slots (a batch is
+    sorted by row, so a chunk's rows in it are one run). The spans are read in parallel by `pool` when
+    given; once `stop` is set the remaining ones are not (CancelledError), so that closing a loader does
+    not wait for a whole window's read."""
+    if not len(ids):
+        return
+    order = np.lexsort((slots, which, ids // chunk_size))
+    ids, which, slots = ids[order], which[order], slots[order]
+    chunk = ids // chunk_size
+    spans = np.flatnonzero(np.r_[True, chunk[1:] != chunk[:-1], True])  # [spans[i], spans[i+1]): chunk i
+    runs = np.flatnonzero(np.r_[True, (chunk[1:] != chunk[:-1]) | (which[1:] != which[:-1])
+                                | (slots[1:] != slots[:-1] + 1), True])  # runs of consecutive slots
+
+    def read(i: int) -> None:
+        if stop is not None and stop.is_set():
+            raise CancelledError("the loader was closed")
+        lo, hi = spans[i], spans[i + 1]
+        start, end = int(ids[lo:hi].min()), int(ids[lo:hi].max()) + 1
+        edges = runs[np.searchsorted(runs, lo):np.searchsorted(runs, hi) + 1]
+        for name in buffers[0]:
+            dest = [(buffers[which[a]][name][slots[a]:slots[a] + b - a], ids[a:b] - start)
+                    for a, b in zip(edges[:-1], edges[1:])]
+            cache.read_into(name, start, end, dest)
+
+    if pool is None:
+        for i in range(len(spans) - 1):
+            read(i)
+        return
+    futures = [pool.submit(read, i) for i in range(len(spans) - 1)]
+    try:
+        for f in futures:
+            f.result()
+    finally:
+        for f in futures:
+            f.cancel()
 
 
 FLIP_STREAM = 0x666C6970  # "flip": keeps the flip draws apart from any other use of (seed, step)
@@ -130,12 +153,25 @@ def flip_draws(seed: int, step: int, rows: np.ndarray) -> np.ndarray:
     return ((z ^ (z >> np.uint64(31))) >> np.uint64(63)).astype(bool)
 
 
-def pick_views(batch: dict[str, np.ndarray], seed: int, step: int) -> dict[str, np.ndarray]:
-    """`vae_moments` replaced, per sample, by `vae_moments_flip` where `flip_draws` says so (which is dropped)."""
-    flip = flip_draws(seed, step, batch["index"])
+def pick_views(batch: dict[str, torch.Tensor], seed: int, step: int) -> dict[str, torch.Tensor]:
+    """`vae_moments` overwritten in place, per sample, by `vae_moments_flip` where `flip_draws` says so
+    (which is dropped)."""
+    flip = flip_draws(seed, step, batch["index"].numpy())
     mirrored = batch.pop("vae_moments_flip")
-    batch["vae_moments"] = np.where(flip[:, None, None, None], mirrored, batch["vae_moments"])
+    np.copyto(batch["vae_moments"].numpy(), mirrored.numpy(), where=flip[:, None, None, None])
     return batch
+
+
+def _map_ahead(pool: ThreadPoolExecutor, fn, items: Sequence, ahead: int) -> Iterator:
+    """`pool.map(fn, items)` with at most `ahead` calls in flight or done but not yet consumed
+    (Executor.map submits every call at once, so decoded blocks could pile up)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _one_ahead(items: Iterator, executor: ThreadPoolExecutor) -> Iterator:
@@ -169,6 +205,7 @@ class CacheLoader:
             raise ValueError(f"the global batch ({global_batch}) must be divisible by the number of "
                              f"processes ({world}); change --global-batch or the process count")
         self.cache, self.names = cache, tuple(names)
+        self._specs = {name: cache.row_spec(name) for name in self.names}  # row shape and dtype
         self.rows = np.sort(np.asarray(cache.valid_indices() if rows is None else rows, dtype=np.int64))
         if len(self.rows) == 0:
             raise ValueError("the cache has no valid samples to train on")
@@ -231,47 +268,52 @@ class CacheLoader:
             epoch += 1
 
     def _rank_batches(self, start: int, pool: ThreadPoolExecutor, stop: threading.Event,
-                      ahead: ThreadPoolExecutor | None) -> Iterator[dict[str, np.ndarray]]:
-        """This rank's slices of the global batches from stream position `start` on, forever: per
-        window, one read of this rank's rows in it, by `ahead` while the previous window's batches are
-        used when given; a straddling batch is completed by the next window.
+                      ahead: ThreadPoolExecutor | None) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's slices of the global batches from stream position `start` on, forever, read window
+        by window (by `ahead` while the previous window's batches are used, when given)."""
+        windows = self._filled_batches(start, pool, stop)
+        for filled in _one_ahead(windows, ahead) if ahead else windows:
+            filled.reverse()
+            while filled:  # out of the list as handed on: the consumer alone holds a batch once it has it
+                yield filled.pop()
 
-        Batches are copies, and so is a straddling batch's part once its window is used: a window's rows
-        are freed once its batches are out, so a rank holds ~window / world samples without `ahead`, and
-        with it ~twice that (the window in use and the next, being read)."""
-        k = start // self.global_batch
-        b = self.global_batch // self.world
-        waiting: dict[int, tuple[np.ndarray, list]] = {}  # batch -> (this rank's slice, parts read so far)
-        windows = (self._read_window(lo, hi, pool, stop) for lo, hi in self._windows(start))
-        for window in _one_ahead(windows, ahead) if ahead else windows:
-            for j, sel, pos, part in window:
-                waiting.setdefault(j, (sel, []))[1].append((pos, part))
-            window = part = None  # only `waiting` refers to this window's rows now
-            while k in waiting and sum(len(pos) for pos, _ in waiting[k][1]) == b:
-                yield _in_order(*waiting.pop(k))
-                k += 1
-            for _, parts in waiting.values():  # views of this window's rows -> copies, freeing the window
-                parts[:] = [(pos, {name: v.copy() for name, v in part.items()}) for pos, part in parts]
+    def _filled_batches(self, start: int, pool: ThreadPoolExecutor,
+                        stop: threading.Event) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """Per window from `start` on, the batches its read completes, in order. Each batch is allocated
+        (pinned with `pin_memory`) when a window first holds rows of it and its rows are read straight
+        into it; a batch that straddles two windows waits in `open_` for the rest of its rows. So a rank
+        holds the batches of ~one window (~window / world samples), and of two with read-ahead (the window
+        in use and the next, being read); a batch's buffers are reused once its consumer drops it."""
+        per_window = -(-self.window_chunks * self.chunk_size // self.global_batch) + 1
+        recycler = _Recycler((1 + self.read_ahead) * per_window + self.prefetch + 2)
+        open_: dict[int, _OpenBatch] = {}
+        for lo, hi in self._windows(start):
+            ks = range(lo // self.global_batch, -(-hi // self.global_batch))
+            for k in ks:
+                if k not in open_:
+                    open_[k] = self._new_batch(self.rank_slice(k), recycler)
+            wanted = [np.flatnonzero((open_[k].positions >= lo) & (open_[k].positions < hi)) for k in ks]
+            read_spans(self.cache, [open_[k].arrays for k in ks],
+                       np.concatenate([open_[k].tensors["index"].numpy()[w] for k, w in zip(ks, wanted)]),
+                       np.repeat(np.arange(len(ks)), [len(w) for w in wanted]), np.concatenate(wanted),
+                       self.chunk_size, pool, stop)
+            for k, w in zip(ks, wanted):
+                open_[k].missing -= len(w)
+            yield [open_.pop(k).tensors for k in ks if open_[k].missing == 0]
 
-    def _read_window(self, lo: int, hi: int, pool: ThreadPoolExecutor,
-                     stop: threading.Event) -> list[tuple[int, np.ndarray, np.ndarray, dict]]:
-        """This rank's rows at stream positions [lo, hi), read in one pass, as (batch k, this rank's slice
-        of it, the slice's positions in [lo, hi), their rows: views of one array per name) for every
-        batch with rows in it."""
-        B = self.global_batch
-        ks = range(lo // B, -(-hi // B))
-        sels = [self.rank_slice(k) for k in ks]
-        wanted = [sel[(sel >= lo) & (sel < hi)] for sel in sels]
-        positions = np.concatenate(wanted)
-        if not len(positions):
-            return []
-        ids = self.rows_at(positions)
-        rows = {**read_rows(self.cache, self.names, ids, self.chunk_size, pool, 2 * self.threads, stop),
-                "index": ids}
-        cuts = np.cumsum([len(w) for w in wanted])[:-1]
-        pieces = zip(*(np.split(v, cuts) for v in rows.values()))
-        return [(k, sel, pos, dict(zip(rows, piece)))
-                for k, sel, pos, piece in zip(ks, sels, wanted, pieces) if len(pos)]
+    def _new_batch(self, positions: np.ndarray, recycler: _Recycler) -> _OpenBatch:
+        """Buffers for this rank's rows at stream `positions` (pinned with `pin_memory`), their store rows
+        in `index`."""
+        shapes = {name: ((len(positions), *shape), dtype) for name, (shape, dtype) in self._specs.items()}
+        if self.pin_memory:  # torch's pinned allocator reuses blocks once no copy from them is running
+            tensors = {name: torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=True)
+                       for name, (shape, dtype) in shapes.items()}
+        else:
+            tensors = {name: torch.from_numpy(a) for name, a in recycler.get(shapes).items()}
+        index = torch.from_numpy(self.rows_at(positions))
+        tensors["index"] = index.pin_memory() if self.pin_memory else index
+        arrays = {name: tensors[name].numpy() for name in self._specs}
+        return _OpenBatch(positions, tensors, arrays, len(positions))
 
     def _worker(self, start: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
@@ -281,10 +323,7 @@ class CacheLoader:
                 for step, batch in enumerate(self._rank_batches(start, pool, stop, reader), start // self.global_batch):
                     if self.flip:
                         batch = pick_views(batch, self.seed, step)
-                    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-                    if self.pin_memory:
-                        tensors = {k: v.pin_memory() for k, v in tensors.items()}
-                    if not _offer(out, tensors, stop):
+                    if not _offer(out, batch, stop):
                         return
         except BaseException as e:  # handed to the consumer, which re-raises it (unless it closed us)
             _offer(out, e, stop)
@@ -325,14 +364,54 @@ def _offer(out: queue.Queue, item, stop: threading.Event) -> bool:
     return False
 
 
-def _in_order(sel: np.ndarray, parts: list[tuple[np.ndarray, dict]]) -> dict[str, np.ndarray]:
-    """A batch's parts (each in `sel` order) merged into `sel` order, as new arrays."""
-    if len(parts) == 1:
-        return {k: v.copy() for k, v in parts[0][1].items()}
-    got = np.concatenate([pos for pos, _ in parts])
-    ranked = np.argsort(got)
-    take = ranked[np.searchsorted(got[ranked], sel)]
-    return {k: np.concatenate([part[k] for _, part in parts])[take] for k in parts[0][1]}
+@dataclass
+class _OpenBatch:
+    """A batch being read: this rank's stream positions, its tensors (with `index`), numpy views of the
+    arrays' tensors, and how many of its rows are still to be read."""
+
+    positions: np.ndarray
+    tensors: dict[str, torch.Tensor]
+    arrays: dict[str, np.ndarray]
+    missing: int
+
+
+class _Recycler:
+    """CPU batch buffers, handed out again once their consumer has let go of them.
+
+    A fresh large array costs a page fault per page at its first write: that was most of the loader's
+    CPU (BENCHMARKS.md, "Loader profile"). A set of arrays is reused only when nothing but this list
+    refers to any of them, i.e. every tensor and view made of the batch is gone (reference counts), so
+    a batch that its consumer still holds is never overwritten. Pinned batches do without this: torch's
+    pinned allocator caches blocks itself, and knows when a copy from one is still running."""
+
+    def __init__(self, limit: int):
+        self.sets: list[dict[str, np.ndarray]] = []  # most recently handed out last
+        self.limit = limit  # sets tracked: about the most in use at once (two windows' batches and the queue)
+
+    def get(self, shapes: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, np.ndarray]:
+        for i, arrays in enumerate(self.sets):
+            if all(sys.getrefcount(a) <= _REFS_WHEN_FREE for a in arrays.values()) and all(
+                    arrays[name].shape == shape for name, (shape, _) in shapes.items()):
+                self.sets.append(self.sets.pop(i))
+                return arrays
+        arrays = {name: np.empty(shape, dtype) for name, (shape, dtype) in shapes.items()}
+        self.sets.append(arrays)
+        if len(self.sets) > self.limit:
+            self.sets.pop(0)  # no longer tracked: freed whenever its consumer drops it
+        return arrays
+
+
+def _refs_when_free() -> int:
+    """What `_Recycler.get` counts for an array that only its set refers to (the same expression)."""
+    arrays = {"a": np.empty(1)}
+    return max(sys.getrefcount(a) for a in arrays.values())
+
+
+_REFS_WHEN_FREE = _refs_when_free()
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
 
 
 # ---- from stored values to the objective's Batch ----------------------------------------------
