@@ -116,7 +116,7 @@ def test_resume_after_sigkill_is_bitwise_equal(flow, tmp_path, capsys):
 
 def test_two_processes_train_what_one_does(flow, tmp_path):
     two = tmp_path / "two"
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29733", "-m", "reglue.cli", "train-compressor",
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "reglue.cli", "train-compressor",
            "--src", str(flow["images"]), "--out", str(two), "--weights", "tiny", "--resolution", str(RES),
            *(f"--{k.replace('_', '-')}={v}" for k, v in {**ARGS, "epochs": 1}.items())]
     subprocess.run(cmd, env=ENV, check=True, capture_output=True)

@@ -259,7 +259,7 @@ def test_bad_options_change_nothing(source, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_two_processes_equal_one(clean, source, tmp_path):
     out = tmp_path / "two.zarr"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                           "reglue.cli", "extract", str(source), "--out", str(out), *ARGS],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from golden import golden_dir
 from golden_models import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 from reglue.pipeline.compressor import (
@@ -20,10 +19,10 @@ from reglue.pipeline.compressor import (
     save_norm_stats,
 )
 
-OFFICIAL_STATS = Path(golden_dir()).parent / "data" / "reglue-norm-stats" / "dino_mean_std_8_9_10_11_256.pth"
+# The official file (giorgospets/reglue, shipped as test data beside the golden vectors).
+OFFICIAL_STATS = Path(__file__).parent / "data" / "reglue-norm-stats" / "dino_mean_std_8_9_10_11_256.pth"
 
 
-@pytest.mark.skipif(not OFFICIAL_STATS.is_file(), reason=f"official norm stats not found at {OFFICIAL_STATS}")
 def test_official_norm_stats_load_without_pickle_code():
     stats = load_norm_stats(OFFICIAL_STATS)
     assert stats.mean.shape == stats.std.shape == (3072,) and stats.std.dtype == torch.float32

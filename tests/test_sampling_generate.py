@@ -116,7 +116,7 @@ def test_one_and_two_processes_give_identical_samples(tiny_checkpoint, tmp_path)
     finally:
         torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "reglue.cli", *args, "--out", str(tmp_path / "two.npz")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -353,7 +353,7 @@ def test_resume_after_sigkill_is_exact(caches, tmp_path):
 
 
 def test_two_processes_equal_one(caches, tmp_path):
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29731", *cli_train(caches["full"], tmp_path / "two",
+    cmd = ["torchrun", "--nproc_per_node", "2", "--standalone", *cli_train(caches["full"], tmp_path / "two",
            "--max-steps", "3")[1:]]
     subprocess.run(cmd, env=ENV, check=True, capture_output=True)
     # one process, the same global batch in two micro-batches of the per-process size: the same draws
