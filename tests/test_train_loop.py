@@ -376,3 +376,14 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(caches, tmp_
         train(config(cache, tmp_path / "run", max_steps=6, ckpt_every=2))
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]
     assert [line["step"] for line in log(tmp_path / "run")] == [1, 2]
+
+
+def test_reglue_on_a_cache_without_compressed_features_names_the_command_that_adds_them(caches, tmp_path):
+    # `reglue extract` then `reglue train --cache` (the default method, reglue): one line with the command to run,
+    # naming the images the cache was made from; nothing is written.
+    with pytest.raises(ValueError) as err:
+        train(config(caches["bare"], tmp_path / "run"))
+    message = str(err.value)
+    assert "lacks" in message and "\n" not in message
+    assert f"reglue train-compressor --src {Path(caches['images']).resolve()} --out compressor/ --fill" in message
+    assert not (tmp_path / "run").exists()

@@ -430,7 +430,8 @@ def required_arrays(method: Method, cache, flip: bool = False) -> tuple[str, ...
     names = ["vae_moments", "labels"] + (["vae_moments_flip"] if flip else [])
     needs = {"cls": method.cls, "patches": method.repa or method.features == "pca",
              "compressed": method.features == "compressed"}
-    fixes = {"compressed": f"add them with `reglue train-compressor --src IMAGES --out DIR --fill {cache.url}` "
+    src = cache.meta.source.get("root", "IMAGES")  # the images the cache was extracted from
+    fixes = {"compressed": f"add them with `reglue train-compressor --src {src} --out compressor/ --fill {cache.url}` "
                            "(or, with an existing compressor, `reglue fill-compressed --cache CACHE --compressor "
                            "compression_model.pth --norm-stats dino_mean_std_*.pth`)",
              "patches": "re-extract the cache with the last-layer patch tokens",
