@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from images import write_class_images
 from killing import sigkill_when_exists
-from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data.distributed import DistributedSampler
 
@@ -36,11 +36,7 @@ def flow(tmp_path_factory):
     """The README's flow: `extract` with its defaults (no layers rows), then `train-compressor --src --fill`,
     with every VAE load refused during the second stage."""
     root = tmp_path_factory.mktemp("compressor")
-    rng = np.random.default_rng(0)
-    for i in range(N - 1):
-        folder = root / "images" / f"class{i % 3}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((rng.random((72, 80, 3)) * 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+    write_class_images(root / "images", N - 1, classes=3, name="{i:02d}.png")
     (root / "images" / "class1" / "zz.png").write_bytes((root / "images" / "class0" / "00.png").read_bytes()[:200])
     cache = str(root / "cache.zarr")
     extract(ExtractConfig(str(root / "images"), cache, EncoderSpec.tiny(RES), chunk_size=8, batch_size=8,

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from images import write_class_images
 from safetensors.torch import load_file
 from test_models_checkpoints import Exploit
 from test_sampling_generate import FAST, KWARGS, tiny_checkpoint, tiny_sit  # noqa: F401  (fixture)
@@ -38,11 +38,7 @@ ACCELERATE_FILES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "rando
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("runsafe")
-    rng = np.random.default_rng(1)
-    for i in range(N):
-        folder = root / "images" / f"class{i % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    write_class_images(root / "images", N, classes=2, shape=(64, 64, 3), seed=1)
     out = str(root / "cache.zarr")
     extract(ExtractConfig(str(root / "images"), out, EncoderSpec(preset="tiny", resolution=64), chunk_size=BATCH,
                           batch_size=BATCH, num_workers=0))

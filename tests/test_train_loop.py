@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from images import write_class_images
 from killing import sigkill_when_exists, wait_until_exists
-from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -44,11 +44,7 @@ def caches(tmp_path_factory):
     """`bare`: straight from extract (with the mirrored views, --flip); `full`: plus a compressor (2 epochs of 3
     steps) and its compressed features."""
     root = tmp_path_factory.mktemp("train")
-    rng = np.random.default_rng(0)
-    for i in range(N):
-        folder = root / "images" / f"class{i % 4}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((rng.random((72, 80, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    write_class_images(root / "images", N, classes=4)
     bare = str(root / "bare.zarr")
     extract(ExtractConfig(str(root / "images"), bare, EncoderSpec(preset="tiny", resolution=64),
                           layers_limit=N, chunk_size=CHUNK, batch_size=CHUNK, num_workers=0, flip=True))
