@@ -26,7 +26,7 @@ WHEELS=(
     numcodecs==0.16.6           # zarr; bench/extract.py (Blosc, Zstd) - compiled, cp312 manylinux
     donfig==0.8.1.post1         # zarr
     google-crc32c==1.9.0        # zarr - compiled, cp312 manylinux
-    dask==2026.8.0              # trainer/compressor_train.py (reglue dependency)
+    dask==2026.8.0              # imported by gpu.sh's environment check
     partd==1.4.2                # dask
     locket==1.0.0               # partd
     diffusers==0.42.1           # weights.py, bench/extract.py --full (SD-VAE AutoencoderKL)
@@ -127,7 +127,7 @@ for path in sorted(Path(".whl").glob("*.whl")):
         print(f"note: {name} is also in the device image; the carried {version} shadows it")
 
 roots = [Requirement(r) for r in tomllib.loads(Path("pyproject.toml").read_text())["project"]["dependencies"]]
-roots.append(Requirement("dask[array]"))  # trainer/compressor_train.py imports dask.array
+roots.append(Requirement("dask[array]"))  # gpu.sh imports dask.array in its environment check
 missing, mismatch, seen, needed_by = [], [], set(), {}
 todo = [(r, "reglue") for r in roots]
 while todo:

@@ -531,10 +531,6 @@ class Cache:
             a = b
         return out
 
-    def rows(self, name: str) -> Rows:
-        """`read` as an array-like along the row axis (shape, dtype, [i:j, ...]), e.g. for dask.from_array."""
-        return Rows(self, name)
-
     def _reader(self, name: str) -> zarr.Array:
         if self._strict is None:
             return self.array(name)
@@ -759,24 +755,6 @@ class Cache:
         index = self.array("layers_index")[:]
         invalid = np.flatnonzero(~self.read("valid")[index])
         return {self.chunk_key("layers", int(j)) for j in invalid}
-
-
-class Rows:
-    """`cache.read(name, ...)` as an array-like along the row axis, so that every reader (dask too) goes
-    through the checked read."""
-
-    def __init__(self, cache: Cache, name: str):
-        arr = cache.array(name)
-        self.cache, self.name, self.shape, self.dtype, self.ndim = cache, name, arr.shape, arr.dtype, arr.ndim
-
-    def __getitem__(self, key) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        if not key:
-            return self.cache.read(self.name)
-        if not isinstance(key[0], slice) or key[0].step not in (None, 1):
-            raise IndexError(f"Rows reads contiguous row ranges, got {key[0]!r}")
-        start, stop, _ = key[0].indices(self.shape[0])
-        return self.cache.read(self.name, start, max(start, stop))[(slice(None), *key[1:])]
 
 
 def _fails(arr: zarr.Array, c: int) -> bool:

@@ -26,8 +26,8 @@ from reglue.pipeline.extract import ExtractConfig, extract
 from reglue.pipeline.sources import load_image
 from reglue.pipeline.store import Cache, decode_patches
 from reglue.trainer.checkpoints import load_model
-from reglue.trainer.compressor_data import valid_layer_rows
-from reglue.trainer.compressor_train import CompressorConfig, layer_norm_stats, train_compressor
+from reglue.trainer.compressor_data import stored_norm_stats, valid_layer_rows
+from reglue.trainer.compressor_train import CompressorConfig, train_compressor
 from reglue.trainer.data import CacheLoader, epoch_order, flip_draws, layers_for, prepare_batch, required_arrays
 from reglue.trainer.loop import PAUSE_ENV, TrainConfig, train, xl_lam_warning
 from reglue.trainer.objective import get_method
@@ -78,7 +78,7 @@ def cli_train(cache, out, *extra, env=ENV):
 
 def test_streamed_norm_stats_equal_numpy(caches, tmp_path):
     cache = Cache.open(caches["bare"])
-    mean, std = layer_norm_stats(cache, block_rows=3)
+    mean, std = stored_norm_stats(cache, valid_layer_rows(cache), block_rows=3)
     x = cache.read("layers").astype(np.float64).reshape(-1, cache.array("layers").shape[-1])
     np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(std, x.std(0), rtol=1e-12)  # population std, as calc_norm_stats.py:76-79
@@ -89,7 +89,8 @@ def test_streamed_norm_stats_equal_numpy(caches, tmp_path):
     shutil.copytree(caches["bare"], url)
     zarr.open_group(url, mode="r+")["valid"][5] = False  # every sample has a layers row here: row 5
     assert 5 not in valid_layer_rows(Cache.open(url))
-    mean, std = layer_norm_stats(Cache.open(url), block_rows=3)
+    skipped = Cache.open(url)
+    mean, std = stored_norm_stats(skipped, valid_layer_rows(skipped), block_rows=3)
     x = np.delete(cache.read("layers"), 5, axis=0).astype(np.float64).reshape(-1, x.shape[-1])
     np.testing.assert_allclose(std, x.std(0), rtol=1e-12)
 

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -448,8 +447,3 @@ def check_same_compressor_run(out: Path, resolved: dict) -> None:
     if diff:
         raise ValueError(f"{out} holds a compressor run with a different config ({'; '.join(diff)}); rerun with "
                          "the same settings or choose another --out")
-
-
-def layer_norm_stats(cache: Cache, block_rows: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and population std of the cache's valid `layers` rows (the `cache` option's norm stats)."""
-    return stored_norm_stats(cache, valid_layer_rows(cache), block_rows)
